@@ -1,0 +1,22 @@
+"""Prefect flows: orchestration only. Each flow runs as `python -m flows.NAME --help`.
+
+Embedded defaults are set here, before Prefect or Ray is imported, so a bare
+`python -m flows.anonymize` runs offline with an ephemeral Prefect server and a local Ray.
+Anything already set in the environment (PREFECT_API_URL for a real server, RAY_ADDRESS
+for a cluster) wins.
+"""
+import os
+from pathlib import Path
+
+_DEFAULTS = {
+    # Keep Prefect's database and logs inside the working directory, never in ~/.prefect.
+    "PREFECT_HOME": str(Path.cwd() / ".prefect"),
+    # Telemetry would try DNS on every run; this machine class has no network.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server takes 20-26 s to start here; the 20 s default timed out.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+for _name, _value in _DEFAULTS.items():
+    os.environ.setdefault(_name, _value)

@@ -1,0 +1,194 @@
+"""Public module: anonymize every video of an archive into releasable public streams.
+
+    python -m flows.anonymize ARCHIVE_DIR OUT_DIR [--key FILE] [--model NAME] ...
+
+Writes `OUT_DIR/public/<same relative path>.mkv` (lossless, audio kept, ROIs hidden in
+each frame) and the catalogs under `OUT_DIR/catalogs/`. Incremental: a video whose
+content hash the catalog already holds as done is skipped. Originals are only read.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id
+from flows.runtime import ActorPool, format_table, public_name, scan_videos, start_ray
+from tasks.keys import Key, load_or_create_key, resolve_key_path
+from tasks.workers import PipelineSettings, utc_now
+
+SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "faces"),
+                   ("sequences", "sequences"), ("fps_processed", "fps"), ("status", "status"),
+                   ("error", "error")]
+
+
+def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSettings, key_id: str,
+               started, status: str, record: dict[str, Any] | None = None,
+               error: str | None = None) -> dict[str, Any]:
+    finished = utc_now()
+    row: dict[str, Any] = dict(
+        video_id=video_id, source_path=str(source), source_bytes=source.stat().st_size,
+        status=status, error=error, codec=settings.codec, model=settings.model, key_id=key_id,
+        run_id=run_id, started_at=started, finished_at=finished,
+        seconds_total=(finished - started).total_seconds())
+    if record:
+        seconds = record["seconds"]
+        row.update({k: record[k] for k in ("width", "height", "frame_count", "fps", "fps_rational",
+                                             "audio_streams", "faces", "sequences", "frames_with_faces",
+                                             "output_path")})
+        row.update({f"seconds_{stage}": seconds.get(stage) for stage in
+                    ("decode", "detect", "deidentify", "stego", "encode")})
+        row["fps_processed"] = record["frame_count"] / seconds["total"] if seconds.get("total") else None
+    return row
+
+
+# NO_CACHE: inputs hold live actor handles and the key; a video must never be "cached" as done.
+@task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
+def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, key: Key, run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
+    """One video on one actor. Bad input is recorded as `failed` (no retry: it would fail again);
+    only a dead actor raises, so Prefect retries the video on a fresh one."""
+    logger = get_run_logger()
+    catalog = CatalogStore(catalog_root)
+    started = utc_now()
+    try:
+        with pool.acquire() as actor:
+            record = ray.get(actor.anonymize.remote(str(source), str(output), key, video_id,
+                                                     run_id, catalog_root))
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        message = f"{type(cause).__name__}: {cause}"
+        logger.error("%s failed: %s", source, message)
+        row = _video_row(run_id, source, video_id, settings, key.key_id, started, "failed", error=message)
+    else:
+        row = _video_row(run_id, source, video_id, settings, key.key_id, started, "done", record)
+        logger.info("%s → %s: %d frames, %d faces, %.1f fps", source.name, output, row["frame_count"],
+                    row["faces"], row["fps_processed"] or 0)
+    catalog.write_part("videos", run_id, video_id, [row])
+    return row
+
+
+@flow(name="anonymize-archive", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def anonymize_archive(
+    archive_dir: str,
+    out_dir: str,
+    key_file: str | None = None,
+    model: str = PipelineSettings.model,
+    weights: str | None = None,
+    codec: str = PipelineSettings.codec,
+    batch_size: int = PipelineSettings.batch_size,
+    min_face_size: int = PipelineSettings.min_face_size,
+    max_gap: int = PipelineSettings.max_gap,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    device: str = "auto",
+    retry_failed: bool = False,
+) -> list[dict[str, Any]]:
+    """Anonymize every new video under `archive_dir`; returns one summary row per video.
+
+    Videos whose content hash the catalog holds as done are skipped; so are those that
+    failed before (a corrupt file fails again) unless `retry_failed`.
+    """
+    logger = get_run_logger()
+    archive, out = Path(archive_dir), Path(out_dir)
+    if not archive.is_dir():
+        raise FileNotFoundError(f"archive folder not found: {archive}")
+    public_root, catalog = out / "public", CatalogStore(out / "catalogs")
+    key_path = resolve_key_path(key_file)
+    key, created = load_or_create_key(key_path)
+    if created:
+        logger.warning("created a new key at %s (key id %s): back it up, the public streams "
+                       "cannot be reversed without it", key_path, key.key_id)
+    settings = PipelineSettings(model=model, weights=weights, codec=codec, batch_size=batch_size,
+                                min_face_size=min_face_size, max_gap=max_gap, device=device)
+    run_id, started = new_run_id(), utc_now()
+    params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out), key_file=str(key_path))
+    run_row = dict(run_id=run_id, flow="anonymize", started_at=started, input_dir=str(archive),
+                   output_dir=str(out), params_json=json.dumps(params, sort_keys=True), key_id=key.key_id,
+                   host=socket.gethostname(), status="running")
+    catalog.write_part("runs", run_id, "summary", [run_row])
+
+    sources = scan_videos(archive, exclude=[out])
+    known = catalog.latest_video_status()
+    jobs, skipped, seen = [], [], set()
+    for source in sources:
+        video_id = file_content_hash(source)
+        status = known.get(video_id)
+        if video_id in seen or status in VIDEO_SUCCESS_STATUSES or (status == "failed" and not retry_failed):
+            skipped.append((source, f"{status} before" if status else "same content as another file"))
+            continue
+        seen.add(video_id)
+        jobs.append((source, public_root / public_name(source.relative_to(archive)), video_id))
+    logger.info("%d videos found, %d to anonymize, %d skipped as seen before (run %s)",
+                len(sources), len(jobs), len(skipped), run_id)
+
+    rows: list[dict[str, Any]] = []
+    if jobs:
+        start_ray(ray_address)
+        pool = ActorPool(settings, workers)
+        logger.info("workers: %s", pool.describe())
+        try:
+            futures = [anonymize_one.submit(src, dst, vid, pool, key, run_id,
+                                            str(catalog.root), pool.settings) for src, dst, vid in jobs]
+            for (src, _, vid), future in zip(jobs, futures):
+                try:
+                    rows.append(future.result())
+                except Exception as err:  # retries exhausted (actor kept dying): record, go on
+                    row = _video_row(run_id, src, vid, settings, key.key_id, started, "failed",
+                                     error=f"{type(err).__name__}: {err}")
+                    catalog.write_part("videos", run_id, vid, [row])
+                    rows.append(row)
+        finally:
+            pool.shutdown()
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    catalog.write_part("runs", run_id, "summary", [dict(
+        run_row, finished_at=utc_now(), n_videos=len(sources), n_done=len(rows) - n_failed,
+        n_failed=n_failed, n_skipped=len(skipped), status="failed" if n_failed else "done")])
+    for row in rows:
+        row["name"] = Path(row["source_path"]).name
+    rows += [dict(name=s.name, status=f"skipped ({why})") for s, why in skipped]
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.anonymize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("archive_dir", help="folder tree of source videos (read only)")
+    p.add_argument("out_dir", help="writes OUT_DIR/public/ and OUT_DIR/catalogs/")
+    p.add_argument("--key", dest="key_file", help="key file (default: $UUNET_KEY_FILE or .keys/uunet.key; "
+                   "created with mode 0600 if missing)")
+    p.add_argument("--model", default=PipelineSettings.model, help="face pair: uunet or keyed-permutation")
+    p.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
+    p.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
+    p.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
+    p.add_argument("--min-face-size", type=int, default=PipelineSettings.min_face_size)
+    p.add_argument("--max-gap", type=int, default=PipelineSettings.max_gap,
+                   help="detector gaps up to this many frames inside a track are filled")
+    p.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--retry-failed", action="store_true", help="try again videos that failed in earlier runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    start = time.perf_counter()
+    rows = anonymize_archive(**args)
+    print(format_table(rows, SUMMARY_COLUMNS))
+    print(f"{len(rows)} videos in {time.perf_counter() - start:.1f} s as {getpass.getuser()}")
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Private module (authorities only): restore the original faces from public streams.
+
+    python -m flows.reconstruct PUBLIC_DIR OUT_DIR --key FILE [--model NAME] ...
+
+Needs the public streams and the key, nothing else: each frame carries its own ROIs,
+sequence ids and video id, authenticated with the key. Writes
+`OUT_DIR/reconstructed/<same relative path>.mkv` and one `audit` row per stream into
+`OUT_DIR/catalogs/`. Where that catalog knows the source video (same OUT_DIR as the
+anonymize run), PSNR inside the ROIs is measured against it.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from catalogs import CatalogStore, new_run_id
+from flows.runtime import ActorPool, format_table, scan_videos, start_ray
+from tasks.keys import Key, load_key, resolve_key_path
+from tasks.workers import PipelineSettings, utc_now
+
+SUMMARY_COLUMNS = [("name", "video"), ("frames", "frames"), ("faces", "faces"), ("sequences", "sequences"),
+                   ("anonymize_fps", "anon fps"), ("restore_fps", "restore fps"),
+                   ("psnr_roi", "PSNR roi dB"), ("status", "status"), ("error", "error")]
+
+
+def _sources_by_public_path(catalog: CatalogStore) -> dict[str, dict[str, Any]]:
+    """Latest successful `videos` row per public stream path, to find each stream's source."""
+    videos = catalog.read("videos")
+    videos = videos[videos["status"].isin(["done", "needs_review"])].sort_values("finished_at")
+    return {str(Path(r["output_path"]).resolve()): r for r in videos.to_dict("records") if r["output_path"]}
+
+
+@task(retries=2, retry_delay_seconds=2, task_run_name="reconstruct {public.name}", cache_policy=NO_CACHE)
+def reconstruct_one(public: Path, output: Path, pool: ActorPool, key: Key, run_id: str, catalog_root: str,
+                    source: dict[str, Any] | None) -> dict[str, Any]:
+    """One public stream on one actor; the audit row is written whatever the outcome."""
+    logger = get_run_logger()
+    started = utc_now()
+    source_path = source["source_path"] if source and Path(source["source_path"]).is_file() else None
+    row: dict[str, Any] = dict(run_id=run_id, public_path=str(public), output_path=None, key_id=key.key_id,
+                               operator=getpass.getuser(), started_at=started)
+    try:
+        with pool.acquire() as actor:
+            record = ray.get(actor.reconstruct.remote(str(public), str(output), key, source_path))
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        row.update(video_id=source["video_id"] if source else "unknown", status="failed",
+                   error=f"{type(cause).__name__}: {cause}")
+        logger.error("%s failed: %s", public, row["error"])
+    else:
+        invalid = record["frames_payload_invalid"]
+        row.update(video_id=record["video_id"] or "unknown", output_path=str(output),
+                   frames=record["frames"], frames_with_payload=record["frames_with_payload"],
+                   frames_payload_invalid=invalid, rois_restored=record["rois_restored"],
+                   psnr_roi=record["psnr_roi"],
+                   # A frame whose payload failed authentication was left untouched: say so.
+                   status="done" if invalid == 0 else "partial",
+                   error="; ".join(record["invalid_examples"]) or None)
+        logger.info("%s → %s: %d frames, %d ROIs restored, %d frames without a valid payload",
+                    public.name, output, record["frames"], record["rois_restored"], invalid)
+    finished = utc_now()
+    row.update(finished_at=finished, seconds_total=(finished - started).total_seconds())
+    CatalogStore(catalog_root).write_part("audit", run_id, row["video_id"] + "-" + public.stem, [row])
+    return row
+
+
+@flow(name="reconstruct-public-streams", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def reconstruct_streams(
+    public_dir: str,
+    out_dir: str,
+    key_file: str | None = None,
+    model: str = PipelineSettings.model,
+    weights: str | None = None,
+    codec: str = PipelineSettings.codec,
+    batch_size: int = PipelineSettings.batch_size,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Reconstruct every public stream under `public_dir`; returns one summary row per stream."""
+    logger = get_run_logger()
+    public_root, out = Path(public_dir), Path(out_dir)
+    if not public_root.is_dir():
+        raise FileNotFoundError(f"public stream folder not found: {public_root}")
+    key = load_key(resolve_key_path(key_file))  # never created here: a new key restores nothing
+    catalog = CatalogStore(out / "catalogs")
+    settings = PipelineSettings(model=model, weights=weights, codec=codec, batch_size=batch_size, device=device)
+    run_id, started = new_run_id(), utc_now()
+    run_row = dict(run_id=run_id, flow="reconstruct", started_at=started, input_dir=str(public_root),
+                   output_dir=str(out), params_json=json.dumps(asdict(settings), sort_keys=True),
+                   key_id=key.key_id, host=socket.gethostname(), status="running")
+    catalog.write_part("runs", run_id, "summary", [run_row])
+
+    publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
+    sources = _sources_by_public_path(catalog)
+    logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
+    rows: list[dict[str, Any]] = []
+    if publics:
+        start_ray(ray_address)
+        pool = ActorPool(settings, workers)
+        try:
+            futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool, key,
+                                              run_id, str(catalog.root), sources.get(str(p.resolve())))
+                       for p in publics]
+            for public, future in zip(publics, futures):
+                try:
+                    rows.append(future.result())
+                except Exception as err:  # retries exhausted: keep going with the others
+                    rows.append(dict(public_path=str(public), status="failed", error=f"{type(err).__name__}: {err}"))
+        finally:
+            pool.shutdown()
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    catalog.write_part("runs", run_id, "summary", [dict(
+        run_row, finished_at=utc_now(), n_videos=len(publics), n_done=len(rows) - n_failed,
+        n_failed=n_failed, n_skipped=0, status="failed" if n_failed else "done")])
+    for row in rows:
+        src = sources.get(str(Path(row["public_path"]).resolve()), {})
+        row.update(name=Path(src.get("source_path") or row["public_path"]).name, faces=src.get("faces"),
+                   sequences=src.get("sequences"), anonymize_fps=src.get("fps_processed"),
+                   restore_fps=row["frames"] / row["seconds_total"] if row.get("frames") else None)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.reconstruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("public_dir", help="folder tree of public streams (.mkv)")
+    p.add_argument("out_dir", help="writes OUT_DIR/reconstructed/ and audit rows to OUT_DIR/catalogs/")
+    p.add_argument("--key", dest="key_file", help="the key the streams were made with "
+                   "(default: $UUNET_KEY_FILE or .keys/uunet.key)")
+    p.add_argument("--model", default=PipelineSettings.model, help="face pair: uunet or keyed-permutation")
+    p.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
+    p.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
+    p.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
+    p.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    start = time.perf_counter()
+    rows = reconstruct_streams(**args)
+    print(format_table(rows, SUMMARY_COLUMNS))
+    print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny clips cut from the bundled footage, one Ray and one Prefect harness per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import flows  # noqa: F401  (sets the embedded Prefect/Ray environment defaults before either is imported)
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+
+def cut_clip(source: Path, dest: Path, frames: int, start_s: float = 0.0) -> Path:
+    """Re-encode the first `frames` frames (from `start_s`) of a sample, keeping its audio."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-ss", str(start_s), "-i", str(source),
+           "-frames:v", str(frames), "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p",
+           "-c:a", "aac", "-shortest", str(dest)]
+    subprocess.run(cmd, check=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """Short real clips: 'wolfgang' (24 frames, audio), 'carphone' (16 frames, 176×144, no audio)."""
+    root = tmp_path_factory.mktemp("clips")
+    return {
+        "wolfgang": cut_clip(SAMPLES / "WolfgangLanger_Pexels.mp4", root / "wolfgang.mp4", 24, start_s=2.0),
+        "carphone": cut_clip(SAMPLES / "carphone_pristine.mp4", root / "carphone.mp4", 16),
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=f"/tmp/uunet-ray-test-{os.getuid()}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
