@@ -49,7 +49,10 @@ class ActorPool:
     """Long-lived FaceWorker actors, handed out one task at a time (thread-safe).
 
     With GPUs in the cluster each actor takes a fraction of one (so several share a card);
-    without, each takes `cpus_per_worker` CPUs and torch uses as many threads.
+    without, each takes `cpus_per_worker` CPUs and torch uses as many threads. One CPU and
+    one thread per actor is the default: MTCNN's small convolutions scale poorly across
+    threads (measured on 2 cores: 2 threads were erratic, up to 60× slower under load,
+    1 thread a steady ~20 ms/frame), so videos run in parallel instead.
     """
 
     def __init__(self, settings: PipelineSettings, workers: int | None = None,
@@ -61,7 +64,7 @@ class ActorPool:
             default_workers = max(1, int(gpus / gpus_per_worker))
             threads = settings.torch_threads
         else:
-            per = cpus_per_worker or min(cpus, 2)
+            per = cpus_per_worker or 1
             options = {"num_gpus": 0, "num_cpus": per}
             default_workers = max(1, cpus // per)
             threads = settings.torch_threads or per
