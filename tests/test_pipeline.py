@@ -171,3 +171,23 @@ def test_unet_weights_file_loads_and_anonymizes_a_real_clip(clips, key, tmp_path
     payload = stego.extract(pub, key, expected_frame_index=3)
     (r,) = payload.rois
     assert np.abs(pub[r.y:r.y + r.h, r.x:r.x + r.w].astype(int) - src[r.y:r.y + r.h, r.x:r.x + r.w]).mean() > 5
+
+
+def test_odd_sized_footage_round_trips(clips, key, tmp_path):
+    import subprocess
+
+    import imageio_ffmpeg
+
+    odd = tmp_path / "odd.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(clips["carphone"]),
+                    "-vf", "scale=175:143", "-c:v", "libx264rgb", "-qp", "0", str(odd)], check=True)
+    swapper = FaceSwapper(load_face_pair("keyed-permutation", None))
+    settings = PipelineSettings(batch_size=8)
+    record = anonymize_video(odd, tmp_path / "pub.mkv", key=key, video_id="0d" * 32,
+                             detector=FaceDetector(batch_size=8), swapper=swapper, settings=settings,
+                             run_id="r", progress=False)
+    restored = reconstruct_video(tmp_path / "pub.mkv", tmp_path / "rec.mkv", key=key, swapper=swapper,
+                                 settings=settings, source=odd, progress=False)
+    info = probe(tmp_path / "rec.mkv")
+    assert (info.width, info.height, info.frame_count) == (175, 143, 16)
+    assert record.faces > 0 and restored.rois_restored == record.faces

@@ -1,0 +1,235 @@
+"""Decode stage: video metadata and RGB frames in bounded batches.
+
+decord does the decoding; the static ffmpeg from imageio-ffmpeg (there is no
+ffprobe here) answers the two questions decord cannot: how many audio streams a
+file holds, and, for Matroska, how long the video track claims to be, which is
+how a truncated public stream is caught before it silently loses frames.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+from decord import DECORDError, VideoReader, cpu
+
+# ffmpeg -i only reads headers; a minute means something is badly wrong.
+_PROBE_TIMEOUT_S = 60
+_STREAM_LINE = re.compile(r"^\s*Stream #\d+:\d+\S*: (Video|Audio|Subtitle|Data|Attachment):")
+# Matroska writes each track's length as a tag, e.g. "DURATION : 00:00:02.400000000".
+_DURATION_TAG = re.compile(r"^\s*DURATION\s*:\s*(\d+):(\d+):(\d+(?:\.\d+)?)\s*$")
+# decord prefixes its messages with "[hh:mm:ss] /source/file.cc:123: ", once per re-raise.
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    libc_name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(libc_name).malloc_trim if libc_name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+# decord frees each flushed batch's packets and frames from its own threads; glibc keeps
+# that memory in per-thread arenas, and RSS crept up to 1.3 GB on a 2.2 GB lossless
+# file until malloc_trim handed it back (then: under 100 MB).
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+class VideoDecodeError(Exception):
+    """A file that cannot be read as a video; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What `probe` learns about a video; duration_s is the video track's (frame_count / fps)."""
+
+    path: str
+    width: int
+    height: int
+    frame_count: int
+    fps: float
+    fps_rational: str  # "24000/1001": what the encoder is given, so the output keeps the exact rate
+    audio_streams: int
+    duration_s: float
+
+
+def fps_to_rational(fps: float) -> str:
+    """The exact frame rate behind decord's float, e.g. 23.976023976 -> "24000/1001".
+
+    decord returns av_q2d(stream rate), the double nearest to a rational. Every
+    rate in use (integers, halves, and NTSC's n*1000/1001) has a denominator of
+    at most 1001, so the closest fraction with such a denominator recovers it.
+    """
+    rate = Fraction(fps).limit_denominator(1001)
+    return f"{rate.numerator}/{rate.denominator}"
+
+
+def _ffmpeg_report(path: str | Path) -> tuple[bool, list[str]]:
+    """Run `ffmpeg -i PATH` (no output); return (opened, stderr lines)."""
+    result = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=_PROBE_TIMEOUT_S,
+    )
+    lines = result.stderr.splitlines()
+    # Without an output ffmpeg always exits non-zero; "Input #0" is the sign it parsed the file.
+    return any(line.startswith("Input #0") for line in lines), lines
+
+
+def _stream_kinds(lines: list[str]) -> list[str]:
+    return [m.group(1) for line in lines if (m := _STREAM_LINE.match(line))]
+
+
+def count_audio_streams(path: str | Path) -> int:
+    """Number of audio streams in the file, read from ffmpeg's input report."""
+    opened, lines = _ffmpeg_report(path)
+    if not opened:
+        raise VideoDecodeError(f"{path}: not a video or unsupported format ({_tail(lines)})")
+    return _stream_kinds(lines).count("Audio")
+
+
+def _declared_video_duration(lines: list[str]) -> float | None:
+    """Seconds the first video track claims (Matroska's per-track DURATION tag), if present."""
+    in_first_video = False
+    for line in lines:
+        match = _STREAM_LINE.match(line)
+        if match:
+            if in_first_video:
+                return None
+            in_first_video = match.group(1) == "Video" and "(attached pic)" not in line
+            continue
+        if in_first_video and (tag := _DURATION_TAG.match(line)):
+            hours, minutes, seconds = tag.groups()
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None
+
+
+def _tail(lines: list[str], n: int = 3) -> str:
+    return " | ".join(line.strip() for line in lines[-n:]) or "no ffmpeg output"
+
+
+def _decord_reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return _DECORD_PREFIX.sub("", text.splitlines()[0]) if text else type(err).__name__
+
+
+def _open(path: str | Path) -> VideoReader:
+    """Open with decord, turning its failures into a VideoDecodeError that says why."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(f"{path}: empty file (0 bytes), not a video")
+    try:
+        return VideoReader(str(path), ctx=cpu(0))
+    except AssertionError as err:  # decord asserts a positive frame count
+        raise VideoDecodeError(f"{path}: zero frames") from err
+    except (DECORDError, RuntimeError) as err:
+        opened, lines = _ffmpeg_report(path)
+        if not opened:
+            reason = f"not a video or unsupported format ({_tail(lines)})"
+        elif "Video" not in _stream_kinds(lines):
+            reason = "no video stream"
+        else:
+            # decord reads every packet while indexing, so a cut-off file fails here.
+            reason = f"truncated/corrupt (decord could not index it: {_decord_reason(err)})"
+        raise VideoDecodeError(f"{path}: {reason}") from err
+
+
+def _frame_size(reader: VideoReader, path: str | Path) -> tuple[int, int]:
+    """(height, width), from decoding frame 0: decord exposes no size without a frame."""
+    try:
+        height, width = reader[0].shape[:2]
+    except DECORDError as err:
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame 0 ({_decord_reason(err)})") from err
+    return int(height), int(width)
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Metadata of a video; raises VideoDecodeError for anything that is not a complete video."""
+    reader = _open(path)
+    frame_count = len(reader)
+    height, width = _frame_size(reader, path)
+    fps = float(reader.get_avg_fps())
+    _, lines = _ffmpeg_report(path)
+    declared = _declared_video_duration(lines)
+    if declared is not None and frame_count < round(declared * fps) - 1:
+        # Matroska's header keeps the full length while the clusters are cut off.
+        raise VideoDecodeError(
+            f"{path}: truncated/corrupt at frame {frame_count}: the video track declares "
+            f"{declared:.3f} s (~{round(declared * fps)} frames) but only {frame_count} are present"
+        )
+    return VideoInfo(
+        path=str(path),
+        width=width,
+        height=height,
+        frame_count=frame_count,
+        fps=fps,
+        fps_rational=fps_to_rational(fps),
+        audio_streams=_stream_kinds(lines).count("Audio"),
+        duration_s=frame_count / fps,
+    )
+
+
+def iter_frames(
+    path: str | Path, batch_size: int = 32, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index of first frame, uint8 (n, H, W, 3) RGB) for frames start..stop-1, in order.
+
+    Memory stays at about one batch whatever the video's length, because of a
+    flush before every yield. decord's decoder thread otherwise keeps decoding
+    every packet it has queued (often the whole file) while the caller works:
+    measured on a 4720-frame 640x360 clip with a slow consumer, RSS climbed to
+    3.2 GB. The flush costs a re-decode from the keyframe before the next batch,
+    nothing when batches start on keyframes (our encoder puts one every 32
+    frames), quadratic time for long videos with a single keyframe.
+    Container-level truncation (Matroska) is detected by `probe`: call it first.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    reader = _open(path)
+    total = len(reader)
+    stop = total if stop is None else min(stop, total)
+    if not 0 <= start <= stop:
+        raise ValueError(f"need 0 <= start <= stop <= {total}, got start={start}, stop={stop}")
+    height, width = _frame_size(reader, path)
+    for first in range(start, stop, batch_size):
+        try:
+            reader.seek_accurate(first)
+        except (DECORDError, RuntimeError) as err:
+            raise VideoDecodeError(f"{path}: truncated/corrupt, cannot seek to frame {first}") from err
+        batch = np.empty((min(batch_size, stop - first), height, width, 3), dtype=np.uint8)
+        for i in range(len(batch)):
+            try:
+                batch[i] = reader.next().asnumpy()
+            except (StopIteration, DECORDError) as err:
+                detail = "ends early" if isinstance(err, StopIteration) else _decord_reason(err)
+                raise VideoDecodeError(
+                    f"{path}: truncated/corrupt at frame {first + i} of {total} ({detail})"
+                ) from err
+        reader.seek(0)  # the flush: stops the decoder thread and drops what it decoded ahead
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+        yield first, batch
+
+
+def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
+    """Frames at the given indices as uint8 (n, H, W, 3) RGB (random access; for tests and evaluation)."""
+    indices = list(indices)
+    reader = _open(path)
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except DECORDError as err:
+        raise VideoDecodeError(f"{path}: truncated/corrupt while reading frames {indices}") from err
