@@ -28,6 +28,7 @@ test: install
 # Throughput of the public module on the bundled 640x360 clip, against decode + lossless encode alone.
 bench: install
 	$(PY) -m bench.throughput
+	$(PY) -m bench.memory
 
 clean:
 	rm -rf $(OUT) .prefect .pytest_cache

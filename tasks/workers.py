@@ -30,6 +30,9 @@ from tasks.keys import Key, keyed_noise
 from tasks.track import FaceTracker, Roi
 
 
+ROI_ROWS_PER_PART = 20_000
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """Everything a worker needs to know, passed once when the actor starts."""
@@ -145,6 +148,18 @@ def anonymize_video(
     noise_for = _noise_source(key, video_id)
     pending: dict[int, np.ndarray] = {}  # decoded frames waiting until their ROIs are final
     roi_rows: list[dict[str, Any]] = []
+    roi_parts = 0
+
+    def flush_rois(final: bool) -> None:
+        """ROI rows grow with the video: write them in chunks so memory does not."""
+        nonlocal roi_rows, roi_parts
+        if not final and len(roi_rows) < ROI_ROWS_PER_PART:
+            return
+        if catalog is not None and roi_rows:
+            catalog.write_part("rois", run_id, f"{video_id}-{roi_parts:05d}", roi_rows)
+            roi_parts += 1
+        roi_rows = []
+
     bar = _progress(info.frame_count, f"anonymize {Path(source).name}", progress)
 
     def emit(ready: list[tuple[int, list[Roi]]]) -> None:
@@ -166,6 +181,7 @@ def anonymize_video(
             record.faces += len(frame_rois)
             record.frames_with_faces += bool(frame_rois)
             roi_rows.extend(_roi_rows(run_id, video_id, frame_rois))
+        flush_rois(final=False)
         if bar is not None:
             bar.update(len(ready))
 
@@ -195,7 +211,7 @@ def anonymize_video(
     sequences = tracker.sequences
     record.sequences = len(sequences)
     if catalog is not None:
-        catalog.write_part("rois", run_id, video_id, roi_rows)
+        flush_rois(final=True)
         catalog.write_part("sequences", run_id, video_id, [
             dict(run_id=run_id, video_id=video_id, seq_id=s.seq_id, first_frame=s.first_frame,
                  last_frame=s.last_frame, n_frames=s.n_frames, n_detected=s.n_detected,
