@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, help="phase II: stop (with a checkpoint) after this long")
     p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (ID entry always -1)")
     p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects)
+    p.add_argument("--loss-weights", default="{}", help='JSON overrides, e.g. {"adv": 0.1, "keypix": 50}')
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -424,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         matcher, _ = load_matcher(args.matcher, device)
         config = UUNetConfig(steps=args.steps, control=args.control, subjects=args.batch_subjects)
+        config.weights.update(json.loads(args.loss_weights))
         deadline = time.time() + 60 * args.minutes if args.minutes else None
         result = train_uunet(data, matcher, out, config, resume, hook, _png_hook(out.parent / "samples"),
                              deadline)

@@ -1,0 +1,77 @@
+"""Phase II: train U_e, U_d and the PatchGAN critic (paper Sec. III-B, eq. 13) with the phase I matcher.
+
+    python -m flows.train_uunet [--corpus out/corpus] [--matcher models/weights/matcher.pt]
+                                [--steps 2000] [--control -1,0,0] [--out models/weights/uunet.pt]
+
+`--control` is the paper's s: one entry per matcher label (id, gender, age_group),
+1 = keep, -1 = change, 0 = don't care; the ID entry is always -1. Losses per step go to
+the `metrics` catalog, an x | a | r | r_wrong_key grid is written every `--samples-every`
+steps next to the weights, and re-running resumes from the checkpoint. On a CUDA machine
+the same loop runs as `python -m tasks.training uunet ...` with nothing but torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from catalogs import CatalogStore, new_run_id
+from flows.recording import CatalogMetrics, SampleGrids
+from flows.train_matcher import DEFAULT_CORPUS, DEFAULT_MATCHER, prepare_corpus, record_run, resolve_device
+from tasks.training import TRAIN, FaceData, UUNetConfig, load_matcher, train_uunet
+from tasks.workers import utc_now
+
+DEFAULT_WEIGHTS = "models/weights/uunet.pt"
+
+
+@flow(name="train-uunet")
+def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MATCHER,
+                     out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
+                     device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
+                     resume: bool = True, metrics_every: int = 10) -> dict[str, Any]:
+    logger = get_run_logger()
+    params = dict(locals())
+    run_id, started = new_run_id(), utc_now()
+    tensors = prepare_corpus(corpus_dir, n_gan, seed)
+    catalog = CatalogStore(Path(corpus_dir) / "catalogs")
+    dev = resolve_device(device)
+    d_a, _ = load_matcher(matcher, dev)
+    metrics = CatalogMetrics(catalog, run_id, dataset=str(tensors), method="uunet",
+                             every=metrics_every)
+    samples = SampleGrids(Path(out).parent / "samples")
+    checkpoint = Path(out).with_suffix(".ckpt")
+    config = UUNetConfig(steps=steps, control=control, samples_every=samples_every, seed=seed)
+    logger.info("phase II on %s, %d steps, s=%s%s", dev, steps, control,
+                " (resuming)" if resume and checkpoint.is_file() else "")
+    result = train_uunet(FaceData(tensors, dev, TRAIN), d_a, out, config,
+                         resume=checkpoint if resume else None, on_metrics=metrics, on_samples=samples)
+    metrics.flush()
+    record_run(catalog, run_id, "train-uunet", params, started, "done")
+    logger.info("U-Nets: %s; samples %s", result, [str(p) for p in samples.written[-1:]])
+    return {**result, **metrics.last, "run_id": run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.train_uunet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", dest="corpus_dir", default=DEFAULT_CORPUS)
+    p.add_argument("--matcher", default=DEFAULT_MATCHER)
+    p.add_argument("--out", default=DEFAULT_WEIGHTS)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (id, gender, age_group)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--samples-every", type=int, default=250)
+    p.add_argument("--n-gan", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--metrics-every", type=int, default=10, help="write per-step losses every N steps")
+    print(json.dumps(train_uunet_flow(**vars(p.parse_args(argv))), default=str, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
