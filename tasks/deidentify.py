@@ -55,8 +55,9 @@ def save_face_pair(
             "model": name,
             "config": dict(config or {}),
             "meta": dict(meta or {}),
-            "encoder": encoder.state_dict(),
-            "decoder": decoder.state_dict(),
+            # CPU tensors, so a file trained on a GPU loads anywhere.
+            "encoder": {k: v.cpu() for k, v in encoder.state_dict().items()},
+            "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()},
         },
         tmp,
     )

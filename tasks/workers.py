@@ -37,7 +37,7 @@ ROI_ROWS_PER_PART = 20_000
 class PipelineSettings:
     """Everything a worker needs to know, passed once when the actor starts."""
 
-    model: str = "keyed-permutation"
+    model: str = "uunet"
     weights: str | None = None
     codec: str = "x264rgb"
     batch_size: int = 16

@@ -191,3 +191,28 @@ def test_odd_sized_footage_round_trips(clips, key, tmp_path):
     info = probe(tmp_path / "rec.mkv")
     assert (info.width, info.height, info.frame_count) == (175, 143, 16)
     assert record.faces > 0 and restored.rois_restored == record.faces
+
+
+def test_the_bundled_weights_anonymize_and_restore_a_real_clip(clips, key, tmp_path):
+    """The default model: the trained U-Nets shipped in models/weights/ (see MODEL_CARD.md)."""
+    settings = PipelineSettings(batch_size=8)
+    assert settings.model == "uunet"
+    swapper = FaceSwapper(load_face_pair(settings.model, None))
+    record = anonymize_video(clips["wolfgang"], tmp_path / "pub.mkv", key=key, video_id="be" * 32,
+                             detector=FaceDetector(batch_size=8), swapper=swapper, settings=settings,
+                             run_id="r", progress=False)
+    restored = reconstruct_video(tmp_path / "pub.mkv", tmp_path / "rec.mkv", key=key, swapper=swapper,
+                                 settings=settings, source=clips["wolfgang"], progress=False)
+    wrong = reconstruct_video(tmp_path / "pub.mkv", tmp_path / "wrong.mkv", key=Key(secrets.token_bytes(32)),
+                              swapper=swapper, settings=settings, source=clips["wolfgang"], progress=False)
+    assert record.faces == record.frame_count == 24
+    assert restored.rois_restored == record.faces and wrong.rois_restored == 0
+    # The public face differs from the source far more than the restored one does.
+    src = read_frames(clips["wolfgang"], [10])[0].astype(int)
+    (r,) = stego.extract(read_frames(tmp_path / "pub.mkv", [10])[0], key, expected_frame_index=10).rois
+    roi = (slice(r.y, r.y + r.h), slice(r.x, r.x + r.w))
+    public = read_frames(tmp_path / "pub.mkv", [10])[0].astype(int)
+    rebuilt = read_frames(tmp_path / "rec.mkv", [10])[0].astype(int)
+    assert np.abs(rebuilt[roi] - src[roi]).mean() < 0.8 * np.abs(public[roi] - src[roi]).mean()
+    public_psnr = 10 * np.log10(255.0**2 / ((public[roi] - src[roi]) ** 2).mean())
+    assert restored.psnr_roi > public_psnr + 2, (restored.psnr_roi, public_psnr)
