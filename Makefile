@@ -35,9 +35,14 @@ bench: install
 # offline corpus in out/corpus, then phase I and phase II; resumes if interrupted.
 # About 3 minutes on one H200 (TRAIN_DEVICE=cuda); about 3.7 hours on this 2-core CPU.
 TRAIN_DEVICE ?= auto
+TRAIN_OUT ?= models/weights
+MATCHER_STEPS ?= 1000
+UUNET_STEPS ?= 3531
 train: install
-	$(PY) -m flows.train_matcher --corpus out/corpus --n-gan 3500 --steps 1000 --device $(TRAIN_DEVICE)
-	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps 3531 --control=-1,0,0 --device $(TRAIN_DEVICE)
+	$(PY) -m flows.train_matcher --corpus out/corpus --n-gan 3500 --steps $(MATCHER_STEPS) \
+		--device $(TRAIN_DEVICE) --out $(TRAIN_OUT)/matcher.pt
+	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps $(UUNET_STEPS) --control=-1,0,0 \
+		--device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt --out $(TRAIN_OUT)/uunet.pt
 
 clean:
 	rm -rf $(OUT) .prefect .pytest_cache

@@ -32,7 +32,7 @@ DEFAULT_WEIGHTS = "models/weights/uunet.pt"
 def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MATCHER,
                      out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
                      device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
-                     resume: bool = True, metrics_every: int = 10) -> dict[str, Any]:
+                     resume: bool = True, metrics_every: int = 10, keyed: bool = True) -> dict[str, Any]:
     logger = get_run_logger()
     params = dict(locals())
     run_id, started = new_run_id(), utc_now()
@@ -44,7 +44,7 @@ def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MA
                              every=metrics_every)
     samples = SampleGrids(Path(out).parent / "samples")
     checkpoint = Path(out).with_suffix(".ckpt")
-    config = UUNetConfig(steps=steps, control=control, samples_every=samples_every, seed=seed)
+    config = UUNetConfig(steps=steps, control=control, samples_every=samples_every, seed=seed, keyed=keyed)
     logger.info("phase II on %s, %d steps, s=%s%s", dev, steps, control,
                 " (resuming)" if resume and checkpoint.is_file() else "")
     result = train_uunet(FaceData(tensors, dev, TRAIN), d_a, out, config,
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-gan", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--paper-mode", dest="keyed", action="store_false",
+                   help="U_d sees a only, as in the paper (default: U_d also needs the keyed noise)")
     p.add_argument("--metrics-every", type=int, default=10, help="write per-step losses every N steps")
     print(json.dumps(train_uunet_flow(**vars(p.parse_args(argv))), default=str, indent=1))
     return 0

@@ -331,6 +331,10 @@ def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, conf
             "far": F.relu(config.far_margin - F.mse_loss(a, x)),
             "keypix": F.relu(config.key_margin - F.mse_loss(r_wrong, x)),
         }
+        if not config.keyed:
+            # Paper mode: U_d never sees the key, so a wrong key cannot matter; these terms
+            # would only fight the reconstruction.
+            del terms["key"], terms["keypix"]
         g_loss = L.weighted_total(terms, config.weights)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -416,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, help="phase II: stop (with a checkpoint) after this long")
     p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (ID entry always -1)")
     p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects)
+    p.add_argument("--paper-mode", action="store_true", help="U_d sees a only (no key), as in the paper")
     p.add_argument("--loss-weights", default="{}", help='JSON overrides, e.g. {"adv": 0.1, "keypix": 50}')
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
@@ -429,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         result = train_matcher(data, val, out, MatcherConfig(steps=args.steps), resume, hook)
     else:
         matcher, _ = load_matcher(args.matcher, device)
-        config = UUNetConfig(steps=args.steps, control=args.control, subjects=args.batch_subjects)
+        config = UUNetConfig(steps=args.steps, control=args.control, subjects=args.batch_subjects,
+                             keyed=not args.paper_mode)
         config.weights.update(json.loads(args.loss_weights))
         deadline = time.time() + 60 * args.minutes if args.minutes else None
         result = train_uunet(data, matcher, out, config, resume, hook, _png_hook(out.parent / "samples"),

@@ -94,3 +94,15 @@ def test_uunet_phase_lowers_the_reconstruction_loss_and_resumes(faces_file, matc
     result = train_uunet(data, matcher, out, longer, resume=out.with_suffix(".ckpt"),
                          on_metrics=lambda s, v: steps_seen.append(s))
     assert steps_seen == [13, 14] and result["step"] == 14
+
+
+def test_paper_mode_trains_a_decoder_that_sees_no_key(faces_file, matcher_file, tmp_path):
+    device = torch.device("cpu")
+    matcher, _ = load_matcher(matcher_file, device)
+    config = UUNetConfig(steps=2, subjects=2, sequences=2, frames=2, widths=SMALL, keyed=False,
+                         critic_widths=(8, 16, 32), critic_head=32)
+    seen = []
+    train_uunet(FaceData(faces_file, device, 0), matcher, tmp_path / "paper.pt", config,
+                on_metrics=lambda s, v: seen.append(v))
+    pair = load_face_pair("uunet", tmp_path / "paper.pt")
+    assert pair.decoder.keyed is False and "loss_keypix" not in seen[0]
