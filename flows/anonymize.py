@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id
-from flows.runtime import ActorPool, format_table, public_name, scan_videos, start_ray
+from flows.runtime import (ActorPool, add_pipeline_arguments, format_table, public_name, scan_videos,
+                           start_ray)
 from tasks.keys import Key, load_or_create_key, resolve_key_path
 from tasks.workers import PipelineSettings, utc_now
 
@@ -167,16 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="writes OUT_DIR/public/ and OUT_DIR/catalogs/")
     p.add_argument("--key", dest="key_file", help="key file (default: $UUNET_KEY_FILE or .keys/uunet.key; "
                    "created with mode 0600 if missing)")
-    p.add_argument("--model", default=PipelineSettings.model, help="face pair: uunet or keyed-permutation")
-    p.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
-    p.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
-    p.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
+    add_pipeline_arguments(p)
     p.add_argument("--min-face-size", type=int, default=PipelineSettings.min_face_size)
     p.add_argument("--max-gap", type=int, default=PipelineSettings.max_gap,
                    help="detector gaps up to this many frames inside a track are filled")
-    p.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
-    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--retry-failed", action="store_true", help="try again videos that failed in earlier runs")
     return p
 

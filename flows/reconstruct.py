@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import CatalogStore, new_run_id
-from flows.runtime import ActorPool, format_table, scan_videos, start_ray
+from flows.runtime import ActorPool, add_pipeline_arguments, format_table, scan_videos, start_ray
 from tasks.keys import Key, load_key, resolve_key_path
 from tasks.workers import PipelineSettings, utc_now
 
@@ -140,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="writes OUT_DIR/reconstructed/ and audit rows to OUT_DIR/catalogs/")
     p.add_argument("--key", dest="key_file", help="the key the streams were made with "
                    "(default: $UUNET_KEY_FILE or .keys/uunet.key)")
-    p.add_argument("--model", default=PipelineSettings.model, help="face pair: uunet or keyed-permutation")
-    p.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
-    p.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
-    p.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
-    p.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
-    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_pipeline_arguments(p)
     return p
 
 

@@ -1,6 +1,7 @@
 """What both flows share: Ray start-up, the pool of long-lived actors, scanning, the summary table."""
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import tempfile
@@ -97,6 +98,18 @@ class ActorPool:
     def shutdown(self) -> None:
         while not self._free.empty():
             ray.kill(self._free.get())
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both modules take: which face pair, how to encode, where to run."""
+    parser.add_argument("--model", default=PipelineSettings.model,
+                        help="face pair: uunet (bundled weights) or keyed-permutation")
+    parser.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
+    parser.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
+    parser.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
+    parser.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
 def public_name(relative: Path) -> Path:

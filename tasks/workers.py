@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +22,7 @@ import ray
 
 from catalogs import CatalogStore
 from tasks import stego
-from tasks.decode import iter_frames, probe
+from tasks.decode import VideoInfo, iter_frames, probe
 from tasks.deidentify import FaceSwapper, load_face_pair
 from tasks.detect import FaceDetector
 from tasks.encode import LosslessVideoWriter
@@ -114,6 +114,25 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="frame", leave=False)
 
 
+def _timed_batches(path: str | Path, batch_size: int, timer: Timer) -> Iterator[tuple[int, np.ndarray]]:
+    """Decoded batches, with the decoding time charged to the "decode" stage."""
+    frames = iter_frames(path, batch_size=batch_size)
+    while True:
+        with timer.stage("decode"):
+            item = next(frames, None)
+        if item is None:
+            return
+        yield item
+
+
+def _writer_for(output: str | Path, info: VideoInfo, audio_from: str | Path,
+                settings: PipelineSettings) -> LosslessVideoWriter:
+    """A lossless writer with the input's size and rate, copying its audio streams if it has any."""
+    return LosslessVideoWriter(output, info.width, info.height, info.fps_rational,
+                               audio_source=str(audio_from) if info.audio_streams else None,
+                               codec=settings.codec)
+
+
 def _roi_rows(run_id: str, video_id: str, rois: Iterable[Roi]) -> list[dict[str, Any]]:
     return [
         dict(run_id=run_id, video_id=video_id, frame_index=r.frame_index, seq_id=r.seq_id,
@@ -186,16 +205,8 @@ def anonymize_video(
             bar.update(len(ready))
 
     start = time.perf_counter()
-    with LosslessVideoWriter(output, info.width, info.height, info.fps_rational,
-                             audio_source=str(source) if info.audio_streams else None,
-                             codec=settings.codec) as writer:
-        frames_iter = iter_frames(source, batch_size=settings.batch_size)
-        while True:
-            with timer.stage("decode"):
-                item = next(frames_iter, None)
-            if item is None:
-                break
-            first, batch = item
+    with _writer_for(output, info, source, settings) as writer:
+        for first, batch in _timed_batches(source, settings.batch_size, timer):
             with timer.stage("detect"):
                 detections = detector.detect(batch)
             for i, dets in enumerate(detections):
@@ -267,16 +278,8 @@ def reconstruct_video(
     squared_error, roi_pixels = 0.0, 0
     noise_for: Callable[[int], np.ndarray] | None = None
     start = time.perf_counter()
-    with LosslessVideoWriter(output, info.width, info.height, info.fps_rational,
-                             audio_source=str(public) if info.audio_streams else None,
-                             codec=settings.codec) as writer:
-        frames_iter = iter_frames(public, batch_size=settings.batch_size)
-        while True:
-            with timer.stage("decode"):
-                item = next(frames_iter, None)
-            if item is None:
-                break
-            first, batch = item
+    with _writer_for(output, info, public, settings) as writer:
+        for first, batch in _timed_batches(public, settings.batch_size, timer):
             rois: list[list[Roi]] = []
             with timer.stage("stego"):
                 for i, frame in enumerate(batch):
