@@ -69,6 +69,10 @@ VIDEOS = pa.schema([
     optional("seconds_stego", FLOAT64),
     optional("seconds_encode", FLOAT64),
     optional("fps_processed", FLOAT64),
+    # Release check (status "needs_review"): sampled frames where a face was left visible or
+    # recognisable, comma-separated (e.g. "12,57"), and what was found there.
+    optional("review_frames", STRING),
+    optional("review_reason", STRING),
 ])
 
 # One row per face track; frames are 0-based and inclusive at both ends.

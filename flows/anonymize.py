@@ -31,7 +31,7 @@ from tasks.workers import PipelineSettings, utc_now
 
 SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "faces"),
                    ("sequences", "sequences"), ("fps_processed", "fps"), ("status", "status"),
-                   ("error", "error")]
+                   ("review_frames", "review frames"), ("error", "error")]
 
 
 def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSettings, key_id: str,
@@ -51,6 +51,9 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
         row.update({f"seconds_{stage}": seconds.get(stage) for stage in
                     ("decode", "detect", "deidentify", "stego", "encode")})
         row["fps_processed"] = record["frame_count"] / seconds["total"] if seconds.get("total") else None
+        # The release check's findings, e.g. "12,57" and "face outside ROIs at frames 12,57".
+        row["review_frames"] = ",".join(map(str, record["review_frames"])) or None
+        row["review_reason"] = record["review_reason"]
     return row
 
 
@@ -72,7 +75,10 @@ def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, ke
         logger.error("%s failed: %s", source, message)
         row = _video_row(run_id, source, video_id, settings, key.key_id, started, "failed", error=message)
     else:
-        row = _video_row(run_id, source, video_id, settings, key.key_id, started, "done", record)
+        status = "needs_review" if record["needs_review"] else "done"
+        row = _video_row(run_id, source, video_id, settings, key.key_id, started, status, record)
+        if record["needs_review"]:
+            logger.warning("%s needs review before release: %s", source.name, record["review_reason"])
         logger.info("%s → %s: %d frames, %d faces, %.1f fps", source.name, output, row["frame_count"],
                     row["faces"], row["fps_processed"] or 0)
     catalog.write_part("videos", run_id, video_id, [row])

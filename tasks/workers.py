@@ -26,7 +26,9 @@ from tasks.decode import VideoInfo, iter_frames, probe
 from tasks.deidentify import FaceSwapper, load_face_pair
 from tasks.detect import FaceDetector
 from tasks.encode import LosslessVideoWriter
+from tasks.judges import SFaceJudge
 from tasks.keys import Key, keyed_noise
+from tasks.release_check import check_public_stream
 from tasks.track import FaceTracker, Roi
 
 
@@ -46,6 +48,7 @@ class PipelineSettings:
     roi_scale: float = 1.3
     device: str = "auto"  # "auto": CUDA when this worker was given a GPU, CPU otherwise
     torch_threads: int = 0  # 0: leave torch's default
+    release_check_frames: int = 48  # at most this many public frames re-checked per video
 
 
 class Timer:
@@ -80,6 +83,11 @@ class VideoRecord:
     sequences: int = 0
     frames_with_faces: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # The release check's verdict on the written public stream (tasks/release_check.py).
+    frames_checked: int = 0
+    needs_review: bool = False
+    review_frames: list[int] = field(default_factory=list)
+    review_reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,11 +161,14 @@ def anonymize_video(
     run_id: str,
     catalog: CatalogStore | None = None,
     progress: bool = True,
+    judge: SFaceJudge | None = None,
 ) -> VideoRecord:
-    """Public module for one video: detect, track, de-identify, hide the ROIs, encode losslessly.
+    """Public module for one video: detect, track, de-identify, hide the ROIs, encode losslessly,
+    then run the release check on the written stream.
 
     ROI and sequence rows go straight to the catalog (they grow with the video, so they do
-    not travel back to the caller); the returned record is small.
+    not travel back to the caller); the returned record is small. `judge` (SFace with its
+    YuNet) is loaded here when not given; a worker passes its own to load it once.
     """
     timer = Timer()
     info = probe(source)
@@ -229,6 +240,14 @@ def anonymize_video(
                  n_interpolated=s.n_interpolated,
                  mean_score=s.mean_score)
             for s in sequences])
+    with timer.stage("release_check"):
+        # Seeded by the video id: reproducible, yet the sampled offset differs between videos.
+        verdict = check_public_stream(output, source, key, detector, judge=judge,
+                                      max_frames=settings.release_check_frames, seed=int(video_id[:15], 16))
+    record.frames_checked = len(verdict.checked_frames)
+    record.needs_review = verdict.needs_review
+    record.review_frames = verdict.review_frames
+    record.review_reason = verdict.reason or None
     timer.seconds["total"] = time.perf_counter() - start
     record.seconds = timer.seconds
     return record
@@ -351,6 +370,7 @@ class FaceWorkerImpl:
         self.pair = load_face_pair(settings.model, settings.weights, self.device)
         self.swapper = FaceSwapper(self.pair)
         self._detector: FaceDetector | None = None
+        self._judge: SFaceJudge | None = None
 
     @property
     def detector(self) -> FaceDetector:
@@ -360,6 +380,13 @@ class FaceWorkerImpl:
                                           batch_size=self.settings.batch_size)
         return self._detector
 
+    @property
+    def judge(self) -> SFaceJudge:
+        # Only the public module's release check needs SFace and YuNet.
+        if self._judge is None:
+            self._judge = SFaceJudge()
+        return self._judge
+
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "model": self.pair.name, "weights": self.pair.source, "pid": os.getpid()}
 
@@ -368,7 +395,7 @@ class FaceWorkerImpl:
         catalog = CatalogStore(catalog_root) if catalog_root else None
         record = anonymize_video(source, output, key=key, video_id=video_id, detector=self.detector,
                                  swapper=self.swapper, settings=self.settings, run_id=run_id,
-                                 catalog=catalog)
+                                 catalog=catalog, judge=self.judge)
         return record.as_dict()
 
     def reconstruct(self, public: str, output: str, key: Key, source: str | None = None) -> dict[str, Any]:
