@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-requirements
 ARCHIVE ?= samples
 OUT     ?= out
 
-.PHONY: install run test bench train clean
+.PHONY: install run test bench train eval clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ train: install
 		--device $(TRAIN_DEVICE) --out $(TRAIN_OUT)/matcher.pt
 	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps $(UUNET_STEPS) --control=-1,0,0 \
 		--device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt --out $(TRAIN_OUT)/uunet.pt
+
+# Paper Sec. IV on the held-out faces of samples/: ours vs blur vs superpixel, plus the codec sweep → $(OUT)/eval.
+eval: install
+	$(PY) -m flows.evaluate --clips-dir $(ARCHIVE) --out $(OUT)/eval
 
 clean:
 	rm -rf $(OUT) .prefect .pytest_cache

@@ -1,0 +1,322 @@
+"""The paper's Sec. IV evaluation on held-out real faces, ours against the classic baselines.
+
+Faces come exactly as in the model card (`bench/model_card.py`, whose functions are
+reused): the last quarter of every clip, the best MTCNN face per frame, the pipeline's
+64x64 head crop; each clip is one subject with one real sequence (id 0), and a second,
+virtual sequence of the same person (id 1) is the same frames with that sequence's keyed
+noise. Every method maps the x crops to a (uint8 64x64 faces); ours also gives r (right
+key), r_wrong (wrong key) and a of sequence 1.
+
+Measures (Sec. IV of the paper; eq. 14 for d'):
+- detection: MTCNN on x and on a, framed as the model card frames them; confidence of the
+  face's detection per crop, detection rate and AP ratios a/x with bootstrap mean +- sd;
+- identity: SFace cosine decision environments x<->x' (same clip, other frame; impostor =
+  other clip) and x<->a' (x against a of another frame of the same person); d' and AUC;
+- temporal consistency (ours): a_t<->a_t+i of one sequence against a of other people;
+- diversity (ours): a of sequence 0 against a of sequence 1 on the same frames;
+- soft label: gender agreement x<->a;
+- reversibility (ours): PSNR and SSIM x<->r, SFace same-person rates x<->r and
+  x<->r_wrong, and the largest pixel difference between two runs on the same input.
+
+Everything here is a plain function over arrays; flows/evaluate.py orchestrates and writes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.model_card import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip,
+                              to_uint8)
+from catalogs.store import file_content_hash
+from tasks.deidentify import FacePair
+from tasks.detect import FaceDetector
+from tasks.judges import GenderJudge, SFaceJudge, psnr
+from tasks.keys import Key, keyed_noise
+from tasks.metrics import (average_precision, bootstrap, decidability, detection_matches, ks_pvalue, pearson,
+                           roc_auc, roc_curve, ssim)
+
+OURS = "ours"
+VIRTUAL_SEQ_ID = 1  # the second sequence of the same person: same frames, other keyed noise
+N_RESAMPLES = 100   # bootstrap subsets per estimate; the sd moves by < 10% beyond this
+GENDER_CUT = 0.5
+
+Method = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class HeldOutFaces:
+    """All held-out faces of all clips, one row per face, and what our pair makes of them."""
+
+    subjects: np.ndarray  # (n,) clip index per face: one person per clip
+    clips: list[str]      # clip names, indexed by `subjects`
+    frames: np.ndarray    # (n,) frame index in its clip
+    x: np.ndarray         # uint8 (n, 64, 64, 3)
+    a: np.ndarray         # ours, sequence 0, as the public stream stores it
+    r: np.ndarray         # U_d(a) with the right key
+    r_wrong: np.ndarray   # U_d(a) with a wrong key
+    a_seq0: np.ndarray    # ours on x again, sequence 0 noise (the diversity reference)
+    a_seq1: np.ndarray    # ours on x, sequence 1 noise: the same person's other virtual identity
+    residual_max: float   # max |r1 - r2| over two runs of U_e then U_d on the same input
+
+
+@dataclass
+class Estimate:
+    """A number; `sd` is the bootstrap sd over 90% subsets when the number is a bootstrap mean."""
+
+    value: float
+    sd: float | None = None
+
+    @property
+    def low(self) -> float | None:
+        return None if self.sd is None else self.value - self.sd
+
+    @property
+    def high(self) -> float | None:
+        return None if self.sd is None else self.value + self.sd
+
+
+@dataclass
+class Environment:
+    """Genuine and impostor similarity scores of one decision environment (Figs. 6/7)."""
+
+    genuine: np.ndarray
+    impostor: np.ndarray
+
+    def summary(self, prefix: str, seed: int = 0) -> dict[str, Estimate]:
+        scores = np.concatenate([self.genuine, self.impostor])
+        labels = np.concatenate([np.ones(len(self.genuine)), np.zeros(len(self.impostor))])
+        items = np.column_stack([scores, labels])
+
+        def split(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return v[v[:, 1] == 1, 0], v[v[:, 1] == 0, 0]
+
+        return {
+            f"{prefix}_d_prime": Estimate(*bootstrap(items, lambda v: decidability(*split(v)),
+                                                     n_resamples=N_RESAMPLES, seed=seed)),
+            f"{prefix}_auc": Estimate(*bootstrap(items, lambda v: roc_auc(*split(v)),
+                                                 n_resamples=N_RESAMPLES, seed=seed)),
+            f"{prefix}_genuine_mean": Estimate(float(self.genuine.mean())),
+            f"{prefix}_impostor_mean": Estimate(float(self.impostor.mean())),
+        }
+
+
+@dataclass
+class MethodResult:
+    """Every number of one method, plus the score distributions the plots draw."""
+
+    metrics: dict[str, Estimate] = field(default_factory=dict)
+    environments: dict[str, Environment] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pair: FacePair, key: Key,
+                  wrong_key: Key, roi_scale: float) -> HeldOutFaces:
+    """Held-out faces of every clip through the model card's `run_clip`, plus sequence 1 and a rerun."""
+    parts, names, subjects, frames = [], [], [], []
+    for index, path in enumerate(clips):
+        faces = run_clip(Path(path), stride, detector, pair, key, wrong_key, roi_scale)
+        if not len(faces.x):
+            continue  # a clip without a held-out face adds no pairs
+        parts.append((faces, file_content_hash(path)))
+        names.append(Path(path).stem)
+        subjects += [len(names) - 1] * len(faces.x)
+        frames += faces.frames
+    if not parts:
+        raise ValueError("no held-out frame of any clip holds a face")
+
+    a_seq0, a_seq1, residual = [], [], 0.0
+    for faces, video_id in parts:
+        # U_e sees the uint8 crop here (run_clip fed it the float crop): both sequences get
+        # the very same input, so any difference between them is the noise's doing.
+        x_in = from_uint8(faces.x, pair.device)
+
+        def noise(seq_id: int, k: Key = key) -> torch.Tensor:
+            n = torch.from_numpy(keyed_noise(k, video_id, seq_id)).to(pair.device)
+            return n.expand(len(x_in), 1, -1, -1)
+
+        a0 = to_uint8(pair.encoder(x_in, noise(SEQ_ID)))
+        a_seq0.append(a0)
+        a_seq1.append(to_uint8(pair.encoder(x_in, noise(VIRTUAL_SEQ_ID))))
+        # Two complete runs (U_e then U_d) on one input: evidence must restore identically every time.
+        r_runs = [to_uint8(pair.decoder(from_uint8(to_uint8(pair.encoder(x_in, noise(SEQ_ID))), pair.device),
+                                        noise(SEQ_ID))) for _ in range(2)]
+        residual = max(residual, float(np.abs(r_runs[0].astype(np.int16) - r_runs[1].astype(np.int16)).max()))
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(faces, name) for faces, _ in parts])
+
+    return HeldOutFaces(np.asarray(subjects), names, np.asarray(frames), cat("x"), cat("a"), cat("r"),
+                        cat("r_wrong"), np.concatenate(a_seq0), np.concatenate(a_seq1), residual)
+
+
+# --- detection -------------------------------------------------------------------------
+
+@dataclass
+class Detections:
+    """MTCNN's verdict per crop: (scores, is_tp) against the one true face, and its confidence."""
+
+    per_face: list[tuple[np.ndarray, np.ndarray]]
+    confidence: np.ndarray  # score of the detection matched to the face, 0 when it was missed
+
+    @property
+    def hit(self) -> np.ndarray:
+        return np.array([bool(tp.any()) for _, tp in self.per_face])
+
+
+def truth_box(roi_scale: float, side: int = 64) -> tuple[float, float, float, float]:
+    """Where the face is in a framed crop: the head ROI is the face box enlarged `roi_scale`
+    times about its centre, so the face is the centred square of side/roi_scale, then upsampled
+    and shifted by the grey border exactly as `in_context` does it."""
+    centre = CONTEXT_BORDER + side * CONTEXT_UPSAMPLE / 2
+    half = side * CONTEXT_UPSAMPLE / roi_scale / 2
+    return centre - half, centre - half, centre + half, centre + half
+
+
+def detect_faces(detector: FaceDetector, faces: np.ndarray, roi_scale: float) -> Detections:
+    truth = truth_box(roi_scale, faces.shape[1])
+    per_face, confidence = [], []
+    for boxes in detector.detect(in_context(faces)):
+        scores, is_tp = detection_matches(boxes, truth)
+        per_face.append((scores, is_tp))
+        confidence.append(float(scores[is_tp].max()) if is_tp.any() else 0.0)
+    return Detections(per_face, np.asarray(confidence))
+
+
+def _ap(det: Detections, subset: np.ndarray) -> float:
+    chosen = [det.per_face[i] for i in subset]
+    scores = np.concatenate([s for s, _ in chosen]) if chosen else np.zeros(0)
+    tps = np.concatenate([t for _, t in chosen]) if chosen else np.zeros(0, dtype=bool)
+    return average_precision(scores, tps, n_ground_truth=len(subset))
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else float("nan")
+
+
+def detection_metrics(on_x: Detections, on_a: Detections, seed: int = 0) -> dict[str, Estimate]:
+    """Table II of the paper: does the de-identified face still read as a face, relative to x."""
+    faces = np.arange(len(on_x.per_face))
+    hit_x, hit_a = on_x.hit, on_a.hit
+    return {
+        "mtcnn_conf_x": Estimate(float(on_x.confidence.mean())),
+        "mtcnn_conf_a": Estimate(float(on_a.confidence.mean())),
+        "mtcnn_conf_pearson": Estimate(pearson(on_x.confidence, on_a.confidence)),
+        "detection_rate_a": Estimate(*bootstrap(hit_a.astype(float), n_resamples=N_RESAMPLES, seed=seed)),
+        "detection_rate_ratio": Estimate(*bootstrap(
+            faces, lambda s: _ratio(hit_a[s].mean(), hit_x[s].mean()), n_resamples=N_RESAMPLES, seed=seed)),
+        "ap_ratio": Estimate(*bootstrap(
+            faces, lambda s: _ratio(_ap(on_a, s), _ap(on_x, s)), n_resamples=N_RESAMPLES, seed=seed)),
+    }
+
+
+# --- identity ----------------------------------------------------------------------------
+
+def embed_all(judge: SFaceJudge, faces: np.ndarray) -> np.ndarray:
+    """(n, 128) unit SFace embeddings."""
+    return np.stack([judge.embed(np.ascontiguousarray(face)).vector for face in faces])
+
+
+def cross_environment(e1: np.ndarray, e2: np.ndarray, subjects: np.ndarray) -> Environment:
+    """Genuine: same subject, different frames; impostor: different subjects.
+
+    With e1 is e2 (x<->x' or a_t<->a_t+i) each unordered pair counts once; otherwise both
+    orders are distinct comparisons (x_i vs a_j and x_j vs a_i).
+    """
+    cos = e1 @ e2.T
+    same = subjects[:, None] == subjects[None, :]
+    n = len(subjects)
+    keep = np.triu(np.ones((n, n), dtype=bool), k=1) if e1 is e2 else ~np.eye(n, dtype=bool)
+    genuine, impostor = cos[keep & same], cos[keep & ~same]
+    if not len(genuine) or not len(impostor):
+        raise ValueError("an environment needs two frames of one subject and two subjects")
+    return Environment(genuine.astype(np.float64), impostor.astype(np.float64))
+
+
+def rate(values: np.ndarray, seed: int = 0) -> Estimate:
+    return Estimate(*bootstrap(np.asarray(values, dtype=float), n_resamples=N_RESAMPLES, seed=seed))
+
+
+def gender_agreement(gender: GenderJudge, x: np.ndarray, a: np.ndarray, seed: int = 0) -> Estimate:
+    agree = (gender.p_male(x) >= GENDER_CUT) == (gender.p_male(a) >= GENDER_CUT)
+    return rate(agree, seed)
+
+
+# --- putting it together -----------------------------------------------------------------
+
+@dataclass
+class Judges:
+    detector: FaceDetector
+    sface: SFaceJudge
+    gender: GenderJudge
+
+
+def evaluate_methods(faces: HeldOutFaces, methods: Mapping[str, Method], judges: Judges, roi_scale: float,
+                     seed: int = 0) -> dict[str, MethodResult]:
+    """Every measure for every method; `methods` maps a name to x → a (ours is `faces.a` already)."""
+    subjects = faces.subjects
+    on_x = detect_faces(judges.detector, faces.x, roi_scale)
+    emb_x = embed_all(judges.sface, faces.x)
+    reference = MethodResult()
+    env_xx = cross_environment(emb_x, emb_x, subjects)
+    reference.environments["x↔x′"] = env_xx
+    reference.metrics.update(env_xx.summary("x_x", seed))
+    reference.metrics["faces"] = Estimate(float(len(faces.x)))
+    reference.metrics["subjects"] = Estimate(float(len(faces.clips)))
+    reference.metrics["mtcnn_detection_rate_x"] = rate(on_x.hit, seed)
+    results = {"original": reference}
+
+    for name, method in {OURS: lambda x: faces.a, **methods}.items():
+        a = method(faces.x)
+        result = MethodResult()
+        result.metrics.update(detection_metrics(on_x, detect_faces(judges.detector, a, roi_scale), seed))
+        emb_a = embed_all(judges.sface, a)
+        env = cross_environment(emb_x, emb_a, subjects)
+        result.environments["x↔a′"] = env
+        result.metrics.update(env.summary("x_a", seed))
+        # Same frame, x against its own a: the model card's privacy number.
+        result.metrics["same_person_x_a"] = rate(np.sum(emb_x * emb_a, axis=1) >= judges.sface.threshold, seed)
+        result.metrics["gender_agreement"] = gender_agreement(judges.gender, faces.x, a, seed)
+        if name == OURS:
+            ours_only(faces, emb_x, emb_a, judges, result, seed)
+        results[name] = result
+    return results
+
+
+def ours_only(faces: HeldOutFaces, emb_x: np.ndarray, emb_a: np.ndarray, judges: Judges, result: MethodResult,
+              seed: int) -> None:
+    """Temporal consistency, diversity and reversibility: the baselines have no key, no sequence, no U_d."""
+    threshold = judges.sface.threshold
+    temporal = cross_environment(emb_a, emb_a, faces.subjects)
+    result.environments["temporal a_t↔a_t+i"] = temporal
+    result.metrics.update(temporal.summary("temporal", seed))
+    result.metrics["temporal_ks_p"] = Estimate(ks_pvalue(temporal.genuine, temporal.impostor))
+
+    diversity = np.sum(embed_all(judges.sface, faces.a_seq0) * embed_all(judges.sface, faces.a_seq1), axis=1)
+    # Shown against the temporal impostors: how far apart two sequences of one person are,
+    # measured against how far apart two different people's virtual faces are.
+    result.environments["diversity seq 0↔seq 1"] = Environment(diversity.astype(np.float64), temporal.impostor)
+    result.metrics["diversity_cos_mean"] = rate(diversity, seed)
+    result.metrics["diversity_same_rate"] = rate(diversity >= threshold, seed)
+
+    cos_r = np.sum(emb_x * embed_all(judges.sface, faces.r), axis=1)
+    cos_wrong = np.sum(emb_x * embed_all(judges.sface, faces.r_wrong), axis=1)
+    psnrs = np.array([psnr(x, r) for x, r in zip(faces.x, faces.r)])
+    mse = np.mean((faces.x.astype(np.float64) - faces.r.astype(np.float64)) ** 2)
+    result.metrics["psnr_x_r_pooled"] = Estimate(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse))
+    finite = psnrs[np.isfinite(psnrs)]
+    if len(finite):
+        result.metrics["psnr_x_r"] = rate(finite, seed)
+    result.metrics["ssim_x_r"] = rate(np.array([ssim(x, r) for x, r in zip(faces.x, faces.r)]), seed)
+    result.metrics["same_person_x_r"] = rate(cos_r >= threshold, seed)
+    result.metrics["same_person_x_r_wrong"] = rate(cos_wrong >= threshold, seed)
+    result.metrics["reversibility_residual_max"] = Estimate(faces.residual_max)
+
+
+def roc_points(env: Environment) -> tuple[np.ndarray, np.ndarray]:
+    fpr, tpr, _ = roc_curve(env.genuine, env.impostor)
+    return fpr, tpr

@@ -1,0 +1,130 @@
+"""The Sec. IV evaluation on a tiny real set: the held-out frames of two short cut clips.
+
+The tiny clips (conftest: wolfgang 24 frames, carphone 16) give 6 + 4 held-out faces, enough
+for genuine and impostor pairs in every environment; the bundled U-Net pair runs for real.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from catalogs import CatalogStore
+from tasks.baselines import BASELINES
+from tasks.deidentify import load_face_pair
+from tasks.detect import FaceDetector
+from tasks.evaluation import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
+                              truth_box)
+from tasks.judges import GenderJudge, SFaceJudge, YuNetDetector
+from tasks.keys import Key
+
+ROI_SCALE = 1.3
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch / OpenCV thread, as the flow runs: on 2 shared cores the default pools spin."""
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    yield
+    torch.set_num_threads(before[0])
+    cv2.setNumThreads(before[1])
+
+
+@pytest.fixture(scope="module")
+def evaluated(clips, one_thread):
+    rng = np.random.default_rng(7)
+    key, wrong_key = Key(rng.bytes(32)), Key(rng.bytes(32))
+    detector = FaceDetector(batch_size=8)
+    pair = load_face_pair("uunet", None)
+    faces = collect_faces([clips["wolfgang"], clips["carphone"]], 1, detector, pair, key, wrong_key, ROI_SCALE)
+    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
+    return faces, evaluate_methods(faces, BASELINES, judges, ROI_SCALE)
+
+
+def test_held_out_faces_are_the_last_quarter_of_each_clip(evaluated):
+    faces, _ = evaluated
+    assert faces.clips == ["wolfgang", "carphone"]
+    assert set(faces.frames[faces.subjects == 0]) <= set(range(18, 24))
+    assert set(faces.frames[faces.subjects == 1]) <= set(range(12, 16))
+    assert faces.x.shape[1:] == (64, 64, 3) and faces.x.dtype == np.uint8
+    assert faces.a.shape == faces.r.shape == faces.a_seq1.shape == faces.x.shape
+    # Sequence 1 is another keyed noise, so another virtual face of the same frames.
+    assert not np.array_equal(faces.a_seq0, faces.a_seq1)
+
+
+def test_deterministic_inference_leaves_no_residual_between_two_runs(evaluated):
+    faces, results = evaluated
+    assert faces.residual_max == 0.0
+    assert results[OURS].metrics["reversibility_residual_max"].value == 0.0
+
+
+@pytest.mark.parametrize("method", [OURS, *BASELINES])
+def test_every_method_goes_through_the_same_finite_measures(evaluated, method):
+    _, results = evaluated
+    metrics = results[method].metrics
+    for name in ("x_a_d_prime", "x_a_auc", "detection_rate_ratio", "ap_ratio", "gender_agreement",
+                 "same_person_x_a", "mtcnn_conf_a"):
+        assert math.isfinite(metrics[name].value), name
+    assert 0.0 <= metrics["x_a_auc"].value <= 1.0
+    assert metrics["x_a_d_prime"].sd is not None and metrics["x_a_d_prime"].sd >= 0.0
+    assert 0.0 <= metrics["gender_agreement"].value <= 1.0
+
+
+def test_real_faces_separate_and_ours_has_the_extra_measures(evaluated):
+    _, results = evaluated
+    reference = results["original"].metrics
+    # Two different people on real crops: SFace must tell them apart almost perfectly.
+    assert reference["x_x_auc"].value > 0.9 and reference["x_x_d_prime"].value > 2
+    assert reference["mtcnn_detection_rate_x"].value > 0.8
+    ours = results[OURS].metrics
+    for name in ("temporal_d_prime", "temporal_auc", "temporal_ks_p", "diversity_cos_mean", "psnr_x_r", "ssim_x_r"):
+        assert math.isfinite(ours[name].value), name
+    assert ours["same_person_x_r_wrong"].value <= ours["same_person_x_r"].value
+    for baseline in BASELINES:
+        assert "psnr_x_r" not in results[baseline].metrics  # irreversible: nothing to restore
+
+
+def test_environments_split_pairs_by_subject():
+    e = np.eye(3, dtype=np.float32)[[0, 0, 1, 1]]  # two subjects, two frames each
+    subjects = np.array([0, 0, 1, 1])
+    same = cross_environment(e, e, subjects)
+    assert same.genuine.tolist() == [1.0, 1.0] and len(same.impostor) == 4  # unordered pairs once
+    cross = cross_environment(e, e.copy(), subjects)
+    assert len(cross.genuine) == 4 and len(cross.impostor) == 8  # both orders, never a face with itself
+    assert isinstance(same, Environment)
+
+
+def test_truth_box_is_the_face_square_inside_the_framed_crop():
+    x1, y1, x2, y2 = truth_box(1.3)
+    assert x1 == y1 and x2 == y2 and (x1 + x2) / 2 == 32 + 64
+    assert x2 - x1 == pytest.approx(128 / 1.3)
+
+
+def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips, one_thread, tmp_path):
+    from flows.evaluate import evaluate
+
+    out = tmp_path / "eval"
+    result = evaluate(clips_dir=str(clips["wolfgang"].parent), out=str(out), stride=2,
+                      clips=[str(clips["wolfgang"]), str(clips["carphone"])], codec_clip=str(clips["carphone"]),
+                      codec_frames=8, codec_settings=["ffv1", "x264-crf23"])
+    report = (out / "report.html").read_text()
+    assert "blur" in report and "superpixel" in report and "x264-crf23" in report
+    for png in ("decision_environments.png", "roc.png", "codec_sweep.png"):
+        assert (out / png).stat().st_size > 1000 and png in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == result["run_id"]
+    assert set(summary["results"]) == {"original", OURS, *BASELINES}
+    assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
+    assert summary["codec"][0]["payload_recovery"] == 1.0
+    metrics = CatalogStore(out / "catalogs").read("metrics")
+    assert set(metrics["method"]) >= {OURS, *BASELINES}
+    assert (metrics["run_id"] == result["run_id"]).all()
+    assert {"x_a_d_prime", "reversibility_residual_max", "psnr_roi_oracle"} <= set(metrics["metric"])
+    bootstrapped = metrics[metrics["metric"] == "x_a_d_prime"]
+    assert (bootstrapped["low"] <= bootstrapped["value"]).all() and (bootstrapped["value"] <= bootstrapped["high"]).all()
