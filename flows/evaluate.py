@@ -281,8 +281,8 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
              weights: str | None = None, stride: int = 2, clips: list[str] | None = None,
              codec_clip: str = str(CODEC_CLIP), codec_frames: int = 48, codec_settings: list[str] | None = None,
              seed: int = 0, threads: int = 1) -> dict[str, Any]:
+    params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
-    params = dict(locals())
     run_id, started, t0 = new_run_id(), utc_now(), time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ def record_run(catalog: CatalogStore, run_id: str, flow_name: str, params: dict[
 def train_matcher_flow(corpus_dir: str = DEFAULT_CORPUS, out: str = DEFAULT_MATCHER, steps: int = 2000,
                        batch: int = 64, device: str = "auto", n_gan: int = 5000, seed: int = 0,
                        resume: bool = True, metrics_every: int = 10) -> dict[str, Any]:
+    params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
-    params = dict(locals())
     run_id, started = new_run_id(), utc_now()
     tensors = prepare_corpus(corpus_dir, n_gan, seed)
     catalog = CatalogStore(Path(corpus_dir) / "catalogs")

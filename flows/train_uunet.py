@@ -33,8 +33,8 @@ def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MA
                      out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
                      device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
                      resume: bool = True, metrics_every: int = 10, keyed: bool = True) -> dict[str, Any]:
+    params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
-    params = dict(locals())
     run_id, started = new_run_id(), utc_now()
     tensors = prepare_corpus(corpus_dir, n_gan, seed)
     catalog = CatalogStore(Path(corpus_dir) / "catalogs")
