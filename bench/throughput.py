@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"anonymize (public module)     : {anon_fps:7.1f} fps   ratio to decode+encode {anon_fps / base_fps:.3f}")
     print(f"reconstruct (private module)  : {rest_fps:7.1f} fps   ratio to decode+encode {rest_fps / base_fps:.3f}"
           f"   PSNR in ROIs {restored.psnr_roi:.2f} dB")
-    print("anonymize time share by stage (encode = time spent handing frames to ffmpeg):")
-    for stage in ("decode", "detect", "deidentify", "stego", "encode"):
+    print("anonymize time share by stage (encode = time spent handing frames to ffmpeg;"
+          " release_check = the sampled re-check of the written stream):")
+    for stage in ("decode", "detect", "deidentify", "stego", "encode", "release_check"):
         seconds = record.seconds.get(stage, 0.0)
         print(f"  {stage:<11} {seconds:6.2f} s  {100 * seconds / anon_s:5.1f} %")
 
