@@ -32,7 +32,8 @@ from tasks.workers import PipelineSettings, utc_now
 
 SUMMARY_COLUMNS = [("name", "video"), ("frames", "frames"), ("faces", "faces"), ("sequences", "sequences"),
                    ("anonymize_fps", "anon fps"), ("restore_fps", "restore fps"),
-                   ("psnr_roi", "PSNR roi dB"), ("status", "status"), ("error", "error")]
+                   ("psnr_roi", "PSNR roi dB"), ("release", "release check"), ("status", "status"),
+                   ("error", "error")]
 
 
 def _sources_by_public_path(catalog: CatalogStore) -> dict[str, dict[str, Any]]:
@@ -127,7 +128,11 @@ def reconstruct_streams(
         n_failed=n_failed, n_skipped=0, status="failed" if n_failed else "done")])
     for row in rows:
         src = sources.get(str(Path(row["public_path"]).resolve()), {})
+        review = src.get("review_frames")
         row.update(name=Path(src.get("source_path") or row["public_path"]).name, faces=src.get("faces"),
+                   # The anonymize run's release check, from the catalog: passed, or the frames to review.
+                   release=None if not src else f"review frames {review}" if src.get("status") == "needs_review"
+                   else "passed",
                    sequences=src.get("sequences"), anonymize_fps=src.get("fps_processed"),
                    restore_fps=row["frames"] / row["seconds_total"] if row.get("frames") else None)
     return rows

@@ -94,6 +94,7 @@ def test_reconstruct_flow_restores_from_the_public_streams_alone(first_run, arch
     rows = reconstruct_streams(str(out / "public"), str(out), key_file=str(first_run["key_file"]),
                                model="keyed-permutation", workers=1)
     assert sorted(r["status"] for r in rows) == ["done", "done"]
+    assert [r["release"] for r in rows] == ["passed", "passed"], "the anonymize run's release check, via the catalog"
     restored = out / "reconstructed" / "cam1" / "entrance.mkv"
     assert probe(restored).frame_count == 24 and probe(restored).audio_streams == 1
     audit = CatalogStore(out / "catalogs").read("audit")
