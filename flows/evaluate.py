@@ -41,7 +41,7 @@ from tasks.detect import FaceDetector
 from tasks.encode import ffmpeg_exe
 from tasks.evaluation import (N_RESAMPLES, OURS, Estimate, HeldOutFaces, Judges, MethodResult, collect_faces, evaluate_methods,
                               roc_points)
-from tasks.judges import GenderJudge, SFaceJudge, YuNetDetector
+from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 from tasks.keys import Key
 from tasks.metrics import decidability
 from tasks.workers import PipelineSettings, anonymize_video, utc_now
@@ -61,6 +61,7 @@ HEADLINE: list[tuple[str, str]] = [
     ("x_a_d_prime", "identity x↔a′: d′ ↓"),
     ("x_a_auc", "identity x↔a′: AUC ↓"),
     ("same_person_x_a", "SFace same person x↔a (same frame) ↓"),
+    ("dlib_same_person_x_a", "dlib same person x↔a (same frame) ↓"),
     ("gender_agreement", "gender agreement x↔a ↑"),
     ("temporal_d_prime", "temporal consistency a_t↔a_t+i: d′ ↑"),
     ("temporal_auc", "temporal consistency: AUC ↑"),
@@ -71,6 +72,8 @@ HEADLINE: list[tuple[str, str]] = [
     ("ssim_x_r", "SSIM x↔r ↑"),
     ("same_person_x_r", "SFace same person x↔r ↑"),
     ("same_person_x_r_wrong", "SFace same person x↔r, wrong key ↓"),
+    ("dlib_same_person_x_r", "dlib same person x↔r ↑"),
+    ("dlib_same_person_x_r_wrong", "dlib same person x↔r, wrong key ↓"),
     ("reversibility_residual_max", "max |r1 − r2| over two runs (must be 0)"),
 ]
 
@@ -99,7 +102,7 @@ def score_faces(clips: list[str], clips_dir: str, model: str, weights: str | Non
     settings = PipelineSettings(model=model, weights=weights)
     pair = load_face_pair(model, weights)
     detector = FaceDetector(min_face_size=settings.min_face_size, batch_size=settings.batch_size)
-    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
+    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
     faces = collect_faces([Path(c) for c in clips], stride, detector, pair, key, wrong_key, settings.roi_scale)
     return faces, evaluate_methods(faces, BASELINES, judges, settings.roi_scale, seed)
 

@@ -35,7 +35,7 @@ from bench.model_card import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uin
 from catalogs.store import file_content_hash
 from tasks.deidentify import FacePair
 from tasks.detect import FaceDetector
-from tasks.judges import GenderJudge, SFaceJudge, psnr
+from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, psnr
 from tasks.keys import Key, keyed_noise
 from tasks.metrics import (average_precision, bootstrap, decidability, detection_matches, ks_pvalue, pearson,
                            roc_auc, roc_curve, ssim)
@@ -253,6 +253,14 @@ class Judges:
     detector: FaceDetector
     sface: SFaceJudge
     gender: GenderJudge
+    dlib: DlibJudge | None = None  # a second recogniser, so no identity number hangs on SFace alone
+
+
+def dlib_same_person(judge: DlibJudge, x: np.ndarray, y: np.ndarray, seed: int) -> Estimate:
+    """Rate of pairs (x_i, y_i) that dlib's recogniser calls the same person."""
+    same = [judge.same_person(judge.embed(np.ascontiguousarray(a)), judge.embed(np.ascontiguousarray(b)))
+            for a, b in zip(x, y)]
+    return rate(np.array(same, dtype=bool), seed)
 
 
 def evaluate_methods(faces: HeldOutFaces, methods: Mapping[str, Method], judges: Judges, roi_scale: float,
@@ -281,6 +289,8 @@ def evaluate_methods(faces: HeldOutFaces, methods: Mapping[str, Method], judges:
         # Same frame, x against its own a: the model card's privacy number.
         result.metrics["same_person_x_a"] = rate(np.sum(emb_x * emb_a, axis=1) >= judges.sface.threshold, seed)
         result.metrics["gender_agreement"] = gender_agreement(judges.gender, faces.x, a, seed)
+        if judges.dlib is not None:
+            result.metrics["dlib_same_person_x_a"] = dlib_same_person(judges.dlib, faces.x, a, seed)
         if name == OURS:
             ours_only(faces, emb_x, emb_a, judges, result, seed)
         results[name] = result
@@ -315,6 +325,9 @@ def ours_only(faces: HeldOutFaces, emb_x: np.ndarray, emb_a: np.ndarray, judges:
     result.metrics["same_person_x_r"] = rate(cos_r >= threshold, seed)
     result.metrics["same_person_x_r_wrong"] = rate(cos_wrong >= threshold, seed)
     result.metrics["reversibility_residual_max"] = Estimate(faces.residual_max)
+    if judges.dlib is not None:
+        result.metrics["dlib_same_person_x_r"] = dlib_same_person(judges.dlib, faces.x, faces.r, seed)
+        result.metrics["dlib_same_person_x_r_wrong"] = dlib_same_person(judges.dlib, faces.x, faces.r_wrong, seed)
 
 
 def roc_points(env: Environment) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from tasks.deidentify import load_face_pair
 from tasks.detect import FaceDetector
 from tasks.evaluation import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
                               truth_box)
-from tasks.judges import GenderJudge, SFaceJudge, YuNetDetector
+from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 from tasks.keys import Key
 
 ROI_SCALE = 1.3
@@ -43,7 +43,7 @@ def evaluated(clips, one_thread):
     detector = FaceDetector(batch_size=8)
     pair = load_face_pair("uunet", None)
     faces = collect_faces([clips["wolfgang"], clips["carphone"]], 1, detector, pair, key, wrong_key, ROI_SCALE)
-    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
+    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
     return faces, evaluate_methods(faces, BASELINES, judges, ROI_SCALE)
 
 
@@ -86,6 +86,8 @@ def test_real_faces_separate_and_ours_has_the_extra_measures(evaluated):
     for name in ("temporal_d_prime", "temporal_auc", "temporal_ks_p", "diversity_cos_mean", "psnr_x_r", "ssim_x_r"):
         assert math.isfinite(ours[name].value), name
     assert ours["same_person_x_r_wrong"].value <= ours["same_person_x_r"].value
+    for name in ("dlib_same_person_x_a", "dlib_same_person_x_r", "dlib_same_person_x_r_wrong"):
+        assert 0.0 <= ours[name].value <= 1.0, name  # the second recogniser reports too
     for baseline in BASELINES:
         assert "psnr_x_r" not in results[baseline].metrics  # irreversible: nothing to restore
 

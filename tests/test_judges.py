@@ -76,6 +76,19 @@ def test_different_people_are_not_the_same_person(sface, wolfgang, single_face):
     assert sface.similarity(woman, man) < SFACE_COSINE_THRESHOLD
 
 
+def test_dlib_second_opinion_agrees_on_who_is_who(wolfgang, single_face):
+    from tasks.judges import DlibJudge
+
+    dlib_judge = DlibJudge()
+    woman_1, woman_2 = dlib_judge.embed(wolfgang[0]), dlib_judge.embed(wolfgang[1])
+    man = dlib_judge.embed(single_face[0])
+    assert woman_1.shape == (128,)
+    assert dlib_judge.same_person(woman_1, woman_2)
+    assert not dlib_judge.same_person(woman_1, man) and not dlib_judge.same_person(woman_2, man)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not dlib_judge.same_person(woman_1, dlib_judge.embed(noise))
+
+
 def test_embedding_is_a_unit_vector_and_self_similar(sface, single_face):
     embedding = sface.embed(single_face[0])
     assert embedding.vector.shape == (128,) and embedding.vector.dtype == np.float32
