@@ -59,7 +59,8 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
 
 # NO_CACHE: inputs hold live actor handles and the key; a video must never be "cached" as done.
 @task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
-def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, key: Key, run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
+def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, key: Key, run_id: str,
+                  catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
     """One video on one actor. Bad input is recorded as `failed` (no retry: it would fail again);
     only a dead actor raises, so Prefect retries the video on a fresh one."""
     logger = get_run_logger()

@@ -39,8 +39,8 @@ from tasks.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
 from tasks.deidentify import FaceSwapper, load_face_pair
 from tasks.detect import FaceDetector
 from tasks.encode import ffmpeg_exe
-from tasks.evaluation import (N_RESAMPLES, OURS, Estimate, HeldOutFaces, Judges, MethodResult, collect_faces, evaluate_methods,
-                              roc_points)
+from tasks.evaluation import (N_RESAMPLES, OURS, Estimate, HeldOutFaces, Judges, MethodResult, collect_faces,
+                              evaluate_methods, roc_points)
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 from tasks.keys import Key
 from tasks.metrics import decidability
