@@ -149,7 +149,7 @@ def metric_rows(run_id: str, dataset: str, results: dict[str, MethodResult], cod
             rows.append(dict(run_id=run_id, dataset=dataset, method=method, metric=metric, value=float(est.value),
                              low=_finite(est.low), high=_finite(est.high), created_at=now))
     for row in codec:
-        for metric in ("payload_recovery", "psnr_roi_payload", "psnr_roi_oracle", "same_person_rate"):
+        for metric in ("payload_recovery", "psnr_roi_payload", "psnr_roi_oracle", "ssim_roi", "same_person_rate"):
             value = getattr(row, metric)
             if math.isfinite(value):
                 rows.append(dict(run_id=run_id, dataset=f"codec:{row.setting}", method=OURS, metric=metric,
@@ -241,7 +241,8 @@ def write_report(out: Path, params: dict[str, Any], faces: HeldOutFaces, results
                     for label, cells in headline_rows(results))
     codec_table = "".join(
         f"<tr><td>{r.setting}</td><td>{r.payload_recovery:.1%}</td><td>{_num(r.psnr_roi_payload, '.2f')}</td>"
-        f"<td>{_num(r.psnr_roi_oracle, '.2f')}</td><td>{_num(r.same_person_rate, '.1%')}</td><td>{r.frames}</td>"
+        f"<td>{_num(r.psnr_roi_oracle, '.2f')}</td><td>{_num(r.ssim_roi, '.3f')}</td>"
+        f"<td>{_num(r.same_person_rate, '.1%')}</td><td>{r.frames}</td>"
         f"<td>{r.seconds:.1f}</td></tr>" for r in codec)
     images = "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in plots)
     counts = ", ".join(f"{name}: {int((faces.subjects == i).sum())}" for i, name in enumerate(faces.clips))
@@ -267,7 +268,7 @@ reversibility apply to ours only: the baselines have no sequence noise and no in
 <p>Payload ROIs: frames whose hidden payload still authenticates after the re-encode; oracle ROIs: the lossless
 stream's boxes, so U_d is measured even where the payload is gone. PSNR at frame resolution inside the ROIs.</p>
 <table><tr><th>setting</th><th>payload recovered</th><th>PSNR ROI (payload) dB</th><th>PSNR ROI (oracle) dB</th>
-<th>SFace same person</th><th>frames</th><th>s</th></tr>{codec_table}</table>
+<th>SSIM ROI</th><th>SFace same person</th><th>frames</th><th>s</th></tr>{codec_table}</table>
 <h2>Plots</h2>{images}
 </body></html>"""
     path = out / "report.html"

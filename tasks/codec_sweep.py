@@ -33,6 +33,7 @@ from tasks.deidentify import FaceSwapper
 from tasks.encode import ffmpeg_exe
 from tasks.judges import SFaceJudge
 from tasks.keys import Key, keyed_noise
+from tasks.metrics import ssim
 from tasks.track import Roi
 
 _X264_420 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "medium"]
@@ -61,6 +62,7 @@ class SweepRow:
     psnr_roi_payload: float  # over frames with a recovered payload; nan when there are none
     psnr_roi_oracle: float  # over all frames, ROIs from the lossless stream's payloads
     same_person_rate: float  # nan when no sampled frame holds a face
+    ssim_roi: float  # mean SSIM of restored vs source ROIs on the sampled frames; nan when none
     frames: int
     seconds: float
 
@@ -152,6 +154,7 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
         return noise_cache[seq_id]
 
     frames = recovered = same = compared = 0
+    ssims: list[float] = []
     error = {"payload": 0.0, "oracle": 0.0}
     pixels = {"payload": 0, "oracle": 0}
     for index, frame in enumerate(_decode_rgb(path, width, height)):
@@ -178,6 +181,7 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
                     source_embeddings[index, j] = judge.embed(original).vector
                 same += judge.same_person(source_embeddings[index, j], judge.embed(np.ascontiguousarray(restored)))
                 compared += 1
+                ssims.append(ssim(np.ascontiguousarray(restored), original))
         frames += 1
     if frames != len(ref.oracle_rois):
         raise RuntimeError(f"{name}: {frames} frames decoded, the public stream has {len(ref.oracle_rois)}")
@@ -187,6 +191,7 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
         psnr_roi_payload=_psnr(error["payload"], pixels["payload"]),
         psnr_roi_oracle=_psnr(error["oracle"], pixels["oracle"]),
         same_person_rate=same / compared if compared else math.nan,
+        ssim_roi=float(np.mean(ssims)) if ssims else math.nan,
         frames=frames,
         seconds=0.0,
     )
@@ -232,9 +237,10 @@ def sweep(
 def format_table(rows: Sequence[SweepRow]) -> str:
     """A Markdown table of the sweep, for reports."""
     lines = ["| setting | payload recovered | PSNR ROI (payload) dB | PSNR ROI (oracle) dB "
-             "| SFace same person | frames | s |",
-             "|---|---|---|---|---|---|---|"]
+             "| SSIM ROI | SFace same person | frames | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.setting} | {r.payload_recovery:.1%} | {r.psnr_roi_payload:.2f} | "
-                     f"{r.psnr_roi_oracle:.2f} | {r.same_person_rate:.1%} | {r.frames} | {r.seconds:.1f} |")
+                     f"{r.psnr_roi_oracle:.2f} | {r.ssim_roi:.3f} | {r.same_person_rate:.1%} | {r.frames} | "
+                     f"{r.seconds:.1f} |")
     return "\n".join(lines)

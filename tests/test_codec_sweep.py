@@ -88,6 +88,8 @@ def test_yuv420_wipes_the_payload_but_oracle_rois_still_measure_the_faces(swept,
 def test_lossier_settings_restore_worse(swept):
     rows = swept["rows"]
     assert rows["x264-crf28"].psnr_roi_oracle < rows["x264-crf0"].psnr_roi_oracle
+    # Frame-resolution SSIM of the restored faces follows the same order, and is lossless-best.
+    assert rows["x264-crf28"].ssim_roi < rows["x264-crf0"].ssim_roi <= rows["ffv1"].ssim_roi <= 1.0
 
 
 def test_reencode_keeps_the_frame_count(swept, tmp_path):
