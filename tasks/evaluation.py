@@ -1,6 +1,6 @@
 """The paper's Sec. IV evaluation on held-out real faces, ours against the classic baselines.
 
-Faces come exactly as in the model card (`bench/model_card.py`, whose functions are
+Faces come exactly as in the model card (`tasks/held_out.py`, whose functions are
 reused): the last quarter of every clip, the best MTCNN face per frame, the pipeline's
 64x64 head crop; each clip is one subject with one real sequence (id 0), and a second,
 virtual sequence of the same person (id 1) is the same frames with that sequence's keyed
@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.model_card import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip,
-                              to_uint8)
 from catalogs.store import file_content_hash
 from tasks.deidentify import FacePair
 from tasks.detect import FaceDetector
+from tasks.held_out import CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip, to_uint8
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, psnr
 from tasks.keys import Key, keyed_noise
 from tasks.metrics import (average_precision, bootstrap, decidability, detection_matches, ks_pvalue, pearson,

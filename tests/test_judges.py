@@ -161,7 +161,8 @@ def test_model_card_on_the_exact_stand_in(tmp_path):
     """
     import json
 
-    from bench.model_card import held_out_frames, main
+    from bench.model_card import main
+    from tasks.held_out import held_out_frames
 
     assert held_out_frames(120, 10) == [90, 100, 110]
     assert held_out_frames(472, 1)[0] == 354 and held_out_frames(472, 1)[-1] == 471
