@@ -261,10 +261,13 @@ def sample_grid(x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, r_wrong: torc
 
 def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, config: UUNetConfig,
                 resume: str | Path | None = None, on_metrics: MetricsHook | None = None,
-                on_samples: SamplesHook | None = None, deadline: float | None = None) -> dict[str, Any]:
+                on_samples: SamplesHook | None = None, deadline: float | None = None,
+                init: str | Path | None = None) -> dict[str, Any]:
     """Phase II (eq. 13): critic steps (eq. 6 + gradient penalty) alternate with generator steps.
 
     `deadline` (time.time() value) stops early with a checkpoint, for time-boxed GPU bursts.
+    `init` starts U_e and U_d from a trained pair (a fresh critic, step 0): fine-tuning a
+    pair to another control vector s costs far fewer steps than training one from scratch.
     """
     from tasks.deidentify import save_face_pair  # torch-only; kept local so this module stays light
 
@@ -285,6 +288,13 @@ def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, conf
     step = 0
     out = Path(out)
     checkpoint = out.with_suffix(".ckpt")
+    if init and not (resume and Path(resume).is_file()):
+        blob = torch.load(init, map_location=device, weights_only=True)
+        if blob.get("model") != "uunet" or blob.get("config") != model_config:
+            raise ValueError(f"{init}: a {blob.get('model')} pair with config {blob.get('config')} cannot "
+                             f"start a uunet pair with config {model_config}")
+        encoder.load_state_dict(blob["encoder"])
+        decoder.load_state_dict(blob["decoder"])
     if resume and Path(resume).is_file():
         state = torch.load(resume, map_location=device, weights_only=False)
         for module, key in ((encoder, "encoder"), (decoder, "decoder"), (critic, "critic"),
@@ -355,7 +365,8 @@ def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, conf
     _save_uunet_state(checkpoint, encoder, decoder, critic, opt_g, opt_d, step, generator)
     save_face_pair(out, "uunet", encoder.eval(), decoder.eval(), model_config,
                    {"step": step, "config": _jsonable(asdict(config)),
-                    "label_names": matcher_label_names(matcher, data)})
+                    "label_names": matcher_label_names(matcher, data),
+                    "init": None if init is None else str(init)})
     return {"step": step, "seconds": time.time() - started}
 
 
@@ -420,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, help="phase II: stop (with a checkpoint) after this long")
     p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (ID entry always -1)")
     p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects)
+    p.add_argument("--init", help="phase II: start U_e/U_d from this weights file (fine-tune)")
     p.add_argument("--paper-mode", action="store_true", help="U_d sees a only (no key), as in the paper")
     p.add_argument("--loss-weights", default="{}", help='JSON overrides, e.g. {"adv": 0.1, "keypix": 50}')
     p.add_argument("--log-every", type=int, default=50)
@@ -439,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         config.weights.update(json.loads(args.loss_weights))
         deadline = time.time() + 60 * args.minutes if args.minutes else None
         result = train_uunet(data, matcher, out, config, resume, hook, _png_hook(out.parent / "samples"),
-                             deadline)
+                             deadline, args.init)
     print(json.dumps(result))
 
 
