@@ -7,7 +7,7 @@ cropped for a costs reconstruction fidelity (paper, Sec. III-C).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class FacePair:
     decoder: nn.Module
     device: torch.device
     source: str  # weights file, or "built-in" for parameter-free stand-ins
+    meta: dict[str, Any] = field(default_factory=dict)  # the weights file's training record (step, s, ...)
 
 
 def save_face_pair(
@@ -87,7 +88,8 @@ def load_face_pair(model: str, weights: str | Path | None, device: str | torch.d
     elif has_parameters(encoder):
         raise WeightsError(f"model {model!r} needs a weights file")
     source = str(Path(weights) if weights else DEFAULT_WEIGHTS) if blob is not None else "built-in"
-    return FacePair(model, encoder.to(device).eval(), decoder.to(device).eval(), device, source)
+    return FacePair(model, encoder.to(device).eval(), decoder.to(device).eval(), device, source,
+                    dict(blob.get("meta") or {}) if blob is not None else {})
 
 
 def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> torch.Tensor:

@@ -1,20 +1,26 @@
-"""The paper's Sec. IV evaluation on held-out real faces, ours against the classic baselines.
+"""The paper's Sec. IV evaluation, ours against the classic baselines, on one FaceSet.
 
-Faces come exactly as in the model card (`tasks/held_out.py`, whose functions are
-reused): the last quarter of every clip, the best MTCNN face per frame, the pipeline's
-64x64 head crop; each clip is one subject with one real sequence (id 0), and a second,
-virtual sequence of the same person (id 1) is the same frames with that sequence's keyed
-noise. Every method maps the x crops to a (uint8 64x64 faces); ours also gives r (right
-key), r_wrong (wrong key) and a of sequence 1.
+A FaceSet comes from one of two places:
+- held-out footage (`collect_faces` here), exactly as in the model card
+  (`tasks/held_out.py`): the last quarter of every clip, the best MTCNN face per frame,
+  the pipeline's 64x64 head crop; each clip is one subject with one real sequence (id 0);
+- a labelled faces catalog split run through the real public and private modules
+  (`tasks/labelled_faces.py`): subjects and gender labels from the catalog.
+Either way a second, virtual sequence of the same person is the same x with another
+sequence's keyed noise. Every method maps the x crops to a (uint8 64x64 faces); ours also
+gives r (right key), r_wrong (wrong key) and a of the virtual sequence.
 
 Measures (Sec. IV of the paper; eq. 14 for d'):
 - detection: MTCNN on x and on a, framed as the model card frames them; confidence of the
   face's detection per crop, detection rate and AP ratios a/x with bootstrap mean +- sd;
-- identity: SFace cosine decision environments x<->x' (same clip, other frame; impostor =
-  other clip) and x<->a' (x against a of another frame of the same person); d' and AUC;
+- identity: decision environments x<->x' (same subject, other frame; impostor = other
+  subject) and x<->a' (x against a of another frame of the same person); d' and AUC, for
+  SFace (cosine) and dlib (negated Euclidean distance). They need two faces of one subject:
+  a split of single-image subjects gets none (and no temporal measure), not a zero;
 - temporal consistency (ours): a_t<->a_t+i of one sequence against a of other people;
 - diversity (ours): a of sequence 0 against a of sequence 1 on the same frames;
-- soft label: gender agreement x<->a;
+- soft label: gender agreement x<->a (the gender judge on both), agreement of the judge's
+  call on a with the catalog's label, and both per control vector s (`compare_controls`);
 - reversibility (ours): PSNR and SSIM x<->r, SFace same-person rates x<->r and
   x<->r_wrong, and the largest pixel difference between two runs on the same input.
 
@@ -48,19 +54,22 @@ Method = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
-class HeldOutFaces:
-    """All held-out faces of all clips, one row per face, and what our pair makes of them."""
+class FaceSet:
+    """The faces of one evaluation dataset, one row per face, and what our pair makes of them."""
 
-    subjects: np.ndarray  # (n,) clip index per face: one person per clip
-    clips: list[str]      # clip names, indexed by `subjects`
-    frames: np.ndarray    # (n,) frame index in its clip
-    x: np.ndarray         # uint8 (n, 64, 64, 3)
-    a: np.ndarray         # ours, sequence 0, as the public stream stores it
-    r: np.ndarray         # U_d(a) with the right key
-    r_wrong: np.ndarray   # U_d(a) with a wrong key
-    a_seq0: np.ndarray    # ours on x again, sequence 0 noise (the diversity reference)
-    a_seq1: np.ndarray    # ours on x, sequence 1 noise: the same person's other virtual identity
-    residual_max: float   # max |r1 - r2| over two runs of U_e then U_d on the same input
+    subjects: np.ndarray        # (n,) index into `subject_names`: who the face is
+    subject_names: list[str]    # a clip's name (one person per clip) or a catalog subject_id
+    frames: np.ndarray          # (n,) frame index in its clip
+    x: np.ndarray               # uint8 (n, 64, 64, 3)
+    a: np.ndarray               # ours, as the public stream stores it
+    r: np.ndarray               # U_d(a) with the right key
+    r_wrong: np.ndarray         # U_d(a) with a wrong key
+    a_seq0: np.ndarray          # ours on x again, with the face's own sequence noise (diversity reference)
+    a_seq1: np.ndarray          # ours on x with another sequence's noise: the same person's other identity
+    noise: np.ndarray           # float32 (n, 64, 64): the keyed noise U_e was given, for other pairs to reuse
+    residual_max: float         # max |r1 - r2| over two runs of U_e then U_d on the same input
+    gender_labels: np.ndarray | None = None  # (n,) P(male) from the catalog, NaN where unknown
+    dataset: str = "footage"
 
 
 @dataclass
@@ -114,7 +123,7 @@ class MethodResult:
 
 @torch.inference_mode()
 def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pair: FacePair, key: Key,
-                  wrong_key: Key, roi_scale: float) -> HeldOutFaces:
+                  wrong_key: Key, roi_scale: float) -> FaceSet:
     """Held-out faces of every clip through the model card's `run_clip`, plus sequence 1 and a rerun."""
     parts, names, subjects, frames = [], [], [], []
     for index, path in enumerate(clips):
@@ -128,7 +137,7 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
     if not parts:
         raise ValueError("no held-out frame of any clip holds a face")
 
-    a_seq0, a_seq1, residual = [], [], 0.0
+    a_seq0, a_seq1, noises, residual = [], [], [], 0.0
     for faces, video_id in parts:
         # U_e sees the uint8 crop here (run_clip fed it the float crop): both sequences get
         # the very same input, so any difference between them is the noise's doing.
@@ -138,6 +147,7 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
             n = torch.from_numpy(keyed_noise(k, video_id, seq_id)).to(pair.device)
             return n.expand(len(x_in), 1, -1, -1)
 
+        noises.append(noise(SEQ_ID)[:, 0].cpu().numpy())
         a0 = to_uint8(pair.encoder(x_in, noise(SEQ_ID)))
         a_seq0.append(a0)
         a_seq1.append(to_uint8(pair.encoder(x_in, noise(VIRTUAL_SEQ_ID))))
@@ -149,8 +159,8 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(faces, name) for faces, _ in parts])
 
-    return HeldOutFaces(np.asarray(subjects), names, np.asarray(frames), cat("x"), cat("a"), cat("r"),
-                        cat("r_wrong"), np.concatenate(a_seq0), np.concatenate(a_seq1), residual)
+    return FaceSet(np.asarray(subjects), names, np.asarray(frames), cat("x"), cat("a"), cat("r"), cat("r_wrong"),
+                   np.concatenate(a_seq0), np.concatenate(a_seq1), np.concatenate(noises), residual)
 
 
 # --- detection -------------------------------------------------------------------------
@@ -220,13 +230,27 @@ def embed_all(judge: SFaceJudge, faces: np.ndarray) -> np.ndarray:
     return np.stack([judge.embed(np.ascontiguousarray(face)).vector for face in faces])
 
 
-def cross_environment(e1: np.ndarray, e2: np.ndarray, subjects: np.ndarray) -> Environment:
+def dlib_embed_all(judge: DlibJudge, faces: np.ndarray) -> np.ndarray:
+    """(n, 128) dlib descriptors; compared by Euclidean distance, not cosine."""
+    return np.stack([judge.embed(np.ascontiguousarray(face)) for face in faces])
+
+
+def similarities(e1: np.ndarray, e2: np.ndarray, euclidean: bool = False) -> np.ndarray:
+    """All pairwise similarities, higher = more alike: cosine of unit SFace embeddings, or the
+    negated distance for dlib, whose descriptors are compared by Euclidean distance."""
+    if not euclidean:
+        return e1 @ e2.T
+    squared = (e1**2).sum(1)[:, None] + (e2**2).sum(1)[None, :] - 2 * e1 @ e2.T
+    return -np.sqrt(np.maximum(squared, 0.0))
+
+
+def cross_environment(e1: np.ndarray, e2: np.ndarray, subjects: np.ndarray, euclidean: bool = False) -> Environment:
     """Genuine: same subject, different frames; impostor: different subjects.
 
     With e1 is e2 (x<->x' or a_t<->a_t+i) each unordered pair counts once; otherwise both
     orders are distinct comparisons (x_i vs a_j and x_j vs a_i).
     """
-    cos = e1 @ e2.T
+    cos = similarities(e1, e2, euclidean)
     same = subjects[:, None] == subjects[None, :]
     n = len(subjects)
     keep = np.triu(np.ones((n, n), dtype=bool), k=1) if e1 is e2 else ~np.eye(n, dtype=bool)
@@ -255,26 +279,50 @@ class Judges:
     dlib: DlibJudge | None = None  # a second recogniser, so no identity number hangs on SFace alone
 
 
-def dlib_same_person(judge: DlibJudge, x: np.ndarray, y: np.ndarray, seed: int) -> Estimate:
-    """Rate of pairs (x_i, y_i) that dlib's recogniser calls the same person."""
-    same = [judge.same_person(judge.embed(np.ascontiguousarray(a)), judge.embed(np.ascontiguousarray(b)))
-            for a, b in zip(x, y)]
-    return rate(np.array(same, dtype=bool), seed)
+def environment_or_none(e1: np.ndarray, e2: np.ndarray, subjects: np.ndarray,
+                        euclidean: bool = False) -> Environment | None:
+    """None when the faces cannot form one: a catalog split of single-image subjects (the
+    DCGAN corpus) has no genuine pair, and then d′ and AUC are undefined, not zero."""
+    try:
+        return cross_environment(e1, e2, subjects, euclidean)
+    except ValueError:
+        return None
 
 
-def evaluate_methods(faces: HeldOutFaces, methods: Mapping[str, Method], judges: Judges, roi_scale: float,
+def _add_environment(result: MethodResult, title: str, prefix: str, env: Environment | None, seed: int) -> None:
+    if env is not None:
+        result.environments[title] = env
+        result.metrics.update(env.summary(prefix, seed))
+
+
+def label_agreement(gender: GenderJudge, faces: np.ndarray, labels: np.ndarray, seed: int) -> Estimate | None:
+    """How often the gender judge's call on `faces` matches the catalog's label (where known)."""
+    known = np.isfinite(labels)
+    if not known.any():
+        return None
+    calls = gender.p_male(faces[known]) >= GENDER_CUT
+    return rate(calls == (labels[known] >= GENDER_CUT), seed)
+
+
+def evaluate_methods(faces: FaceSet, methods: Mapping[str, Method], judges: Judges, roi_scale: float,
                      seed: int = 0) -> dict[str, MethodResult]:
     """Every measure for every method; `methods` maps a name to x → a (ours is `faces.a` already)."""
     subjects = faces.subjects
     on_x = detect_faces(judges.detector, faces.x, roi_scale)
     emb_x = embed_all(judges.sface, faces.x)
+    dlib_x = dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None
     reference = MethodResult()
-    env_xx = cross_environment(emb_x, emb_x, subjects)
-    reference.environments["x↔x′"] = env_xx
-    reference.metrics.update(env_xx.summary("x_x", seed))
+    _add_environment(reference, "x↔x′", "x_x", environment_or_none(emb_x, emb_x, subjects), seed)
+    if dlib_x is not None:
+        _add_environment(reference, "x↔x′ (dlib)", "dlib_x_x",
+                         environment_or_none(dlib_x, dlib_x, subjects, euclidean=True), seed)
     reference.metrics["faces"] = Estimate(float(len(faces.x)))
-    reference.metrics["subjects"] = Estimate(float(len(faces.clips)))
+    reference.metrics["subjects"] = Estimate(float(len(np.unique(subjects))))
     reference.metrics["mtcnn_detection_rate_x"] = rate(on_x.hit, seed)
+    reference.metrics["mtcnn_conf_x"] = Estimate(float(on_x.confidence.mean()))
+    if faces.gender_labels is not None and (agree := label_agreement(
+            judges.gender, faces.x, faces.gender_labels, seed)) is not None:
+        reference.metrics["gender_label_agreement"] = agree  # the judge's own accuracy: the ceiling for a
     results = {"original": reference}
 
     for name, method in {OURS: lambda x: faces.a, **methods}.items():
@@ -282,33 +330,43 @@ def evaluate_methods(faces: HeldOutFaces, methods: Mapping[str, Method], judges:
         result = MethodResult()
         result.metrics.update(detection_metrics(on_x, detect_faces(judges.detector, a, roi_scale), seed))
         emb_a = embed_all(judges.sface, a)
-        env = cross_environment(emb_x, emb_a, subjects)
-        result.environments["x↔a′"] = env
-        result.metrics.update(env.summary("x_a", seed))
+        _add_environment(result, "x↔a′", "x_a", environment_or_none(emb_x, emb_a, subjects), seed)
         # Same frame, x against its own a: the model card's privacy number.
         result.metrics["same_person_x_a"] = rate(np.sum(emb_x * emb_a, axis=1) >= judges.sface.threshold, seed)
         result.metrics["gender_agreement"] = gender_agreement(judges.gender, faces.x, a, seed)
-        if judges.dlib is not None:
-            result.metrics["dlib_same_person_x_a"] = dlib_same_person(judges.dlib, faces.x, a, seed)
+        if faces.gender_labels is not None and (agree := label_agreement(
+                judges.gender, a, faces.gender_labels, seed)) is not None:
+            result.metrics["gender_label_agreement"] = agree
+        if dlib_x is not None:
+            dlib_a = dlib_embed_all(judges.dlib, a)
+            _add_environment(result, "x↔a′ (dlib)", "dlib_x_a",
+                             environment_or_none(dlib_x, dlib_a, subjects, euclidean=True), seed)
+            result.metrics["dlib_same_person_x_a"] = dlib_same_rate(judges.dlib, dlib_x, dlib_a, seed)
         if name == OURS:
-            ours_only(faces, emb_x, emb_a, judges, result, seed)
+            ours_only(faces, emb_x, emb_a, dlib_x, judges, result, seed)
         results[name] = result
     return results
 
 
-def ours_only(faces: HeldOutFaces, emb_x: np.ndarray, emb_a: np.ndarray, judges: Judges, result: MethodResult,
-              seed: int) -> None:
+def dlib_same_rate(judge: DlibJudge, e1: np.ndarray, e2: np.ndarray, seed: int) -> Estimate:
+    """Rate of pairs (e1_i, e2_i) that dlib calls the same person."""
+    return rate(np.linalg.norm(e1 - e2, axis=1) < judge.threshold, seed)
+
+
+def ours_only(faces: FaceSet, emb_x: np.ndarray, emb_a: np.ndarray, dlib_x: np.ndarray | None, judges: Judges,
+              result: MethodResult, seed: int) -> None:
     """Temporal consistency, diversity and reversibility: the baselines have no key, no sequence, no U_d."""
     threshold = judges.sface.threshold
-    temporal = cross_environment(emb_a, emb_a, faces.subjects)
-    result.environments["temporal a_t↔a_t+i"] = temporal
-    result.metrics.update(temporal.summary("temporal", seed))
-    result.metrics["temporal_ks_p"] = Estimate(ks_pvalue(temporal.genuine, temporal.impostor))
+    temporal = environment_or_none(emb_a, emb_a, faces.subjects)
+    _add_environment(result, "temporal a_t↔a_t+i", "temporal", temporal, seed)
+    if temporal is not None:
+        result.metrics["temporal_ks_p"] = Estimate(ks_pvalue(temporal.genuine, temporal.impostor))
 
     diversity = np.sum(embed_all(judges.sface, faces.a_seq0) * embed_all(judges.sface, faces.a_seq1), axis=1)
-    # Shown against the temporal impostors: how far apart two sequences of one person are,
-    # measured against how far apart two different people's virtual faces are.
-    result.environments["diversity seq 0↔seq 1"] = Environment(diversity.astype(np.float64), temporal.impostor)
+    if temporal is not None:
+        # Shown against the temporal impostors: how far apart two sequences of one person are,
+        # measured against how far apart two different people's virtual faces are.
+        result.environments["diversity seq 0↔seq 1"] = Environment(diversity.astype(np.float64), temporal.impostor)
     result.metrics["diversity_cos_mean"] = rate(diversity, seed)
     result.metrics["diversity_same_rate"] = rate(diversity >= threshold, seed)
 
@@ -324,9 +382,55 @@ def ours_only(faces: HeldOutFaces, emb_x: np.ndarray, emb_a: np.ndarray, judges:
     result.metrics["same_person_x_r"] = rate(cos_r >= threshold, seed)
     result.metrics["same_person_x_r_wrong"] = rate(cos_wrong >= threshold, seed)
     result.metrics["reversibility_residual_max"] = Estimate(faces.residual_max)
-    if judges.dlib is not None:
-        result.metrics["dlib_same_person_x_r"] = dlib_same_person(judges.dlib, faces.x, faces.r, seed)
-        result.metrics["dlib_same_person_x_r_wrong"] = dlib_same_person(judges.dlib, faces.x, faces.r_wrong, seed)
+    if dlib_x is not None:
+        result.metrics["dlib_same_person_x_r"] = dlib_same_rate(
+            judges.dlib, dlib_x, dlib_embed_all(judges.dlib, faces.r), seed)
+        result.metrics["dlib_same_person_x_r_wrong"] = dlib_same_rate(
+            judges.dlib, dlib_x, dlib_embed_all(judges.dlib, faces.r_wrong), seed)
+
+
+# --- the control vector s ---------------------------------------------------------------------
+
+CONTROL_METRICS = ("gender_agreement", "gender_label_agreement", "same_person_x_a", "dlib_same_person_x_a")
+
+
+def control_label(pair: FacePair) -> str:
+    """The s a pair was trained with, from its weights file (`-1,0,0` = change ID, free the rest)."""
+    meta = getattr(pair, "meta", None) or {}
+    control = (meta.get("config") or {}).get("control")
+    names = meta.get("label_names")
+    if control is None:
+        return "n/a"
+    if names:
+        return ", ".join(f"{n} {v}" for n, v in zip(names, str(control).split(",")))
+    return str(control)
+
+
+@torch.inference_mode()
+def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judges,
+                     seed: int = 0) -> dict[str, dict[str, Estimate | str]]:
+    """Soft-label consistency per control vector s: each pair de-identifies the very same x
+    with the very same keyed noise, so only its training (its s) differs between rows."""
+    x_in = from_uint8(faces.x, torch.device("cpu"))
+    emb_x = embed_all(judges.sface, faces.x)
+    dlib_x = dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None
+    table: dict[str, dict[str, Estimate | str]] = {}
+    for name, pair in pairs.items():
+        noise = torch.from_numpy(np.ascontiguousarray(faces.noise)).unsqueeze(1).to(pair.device)
+        a = to_uint8(pair.encoder(x_in.to(pair.device), noise))
+        emb_a = embed_all(judges.sface, a)
+        row: dict[str, Estimate | str] = {
+            "s": control_label(pair),
+            "gender_agreement": gender_agreement(judges.gender, faces.x, a, seed),
+            "same_person_x_a": rate(np.sum(emb_x * emb_a, axis=1) >= judges.sface.threshold, seed),
+        }
+        if faces.gender_labels is not None and (agree := label_agreement(
+                judges.gender, a, faces.gender_labels, seed)) is not None:
+            row["gender_label_agreement"] = agree
+        if dlib_x is not None:
+            row["dlib_same_person_x_a"] = dlib_same_rate(judges.dlib, dlib_x, dlib_embed_all(judges.dlib, a), seed)
+        table[name] = row
+    return table
 
 
 def roc_points(env: Environment) -> tuple[np.ndarray, np.ndarray]:
