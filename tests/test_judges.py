@@ -180,6 +180,9 @@ def test_model_card_on_the_exact_stand_in(tmp_path):
     assert card["psnr_db_mean"] is None and card["psnr_db_pooled"] is None  # infinite: strict JSON null
     assert card["same_x_r"]["hits"] == 3
     assert card["same_x_a"]["hits"] == 0 and card["same_x_r_wrong"]["hits"] == 0
+    # dlib agrees on the exact stand-in: r is x (distance 0), the scrambles are nobody.
+    assert card["dlib_same_x_r"]["hits"] == 3
+    assert card["dlib_same_x_a"]["hits"] == 0 and card["dlib_same_x_r_wrong"]["hits"] == 0
     assert card["mtcnn_x"]["hits"] == 3 and card["yunet_x"]["hits"] == 3
     assert card["mtcnn_a"]["hits"] == 0 and card["yunet_a"]["hits"] == 0
     assert result["sampling"]["frames"] == {"carphone_pristine": [90, 100, 110]}
