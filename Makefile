@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-requirements
 ARCHIVE ?= samples
 OUT     ?= out
 
-.PHONY: install run test bench train eval clean
+.PHONY: install run test bench train eval eval-readme clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,16 @@ train: install
 	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps $(UUNET_STEPS) --control=-1,0,0 \
 		--device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt --out $(TRAIN_OUT)/uunet.pt
 
-# Paper Sec. IV on the held-out faces of samples/: ours vs blur vs superpixel, plus the codec sweep → $(OUT)/eval.
+# Paper Sec. IV: ours vs blur vs superpixel on the held-out faces of samples/ and on the test split
+# of the training corpus (built in out/corpus when missing), per-s variants, the codec sweep → $(OUT)/eval.
+EVAL_VARIANTS := $(wildcard models/weights/variants/*.pt)
+EVAL_ARGS = --clips-dir $(ARCHIVE) --out $(OUT)/eval --corpus out/corpus $(if $(EVAL_VARIANTS),--variants $(EVAL_VARIANTS))
 eval: install
-	$(PY) -m flows.evaluate --clips-dir $(ARCHIVE) --out $(OUT)/eval
+	$(PY) -m flows.evaluate $(EVAL_ARGS)
+
+# The same, and paste the headline tables into README.md's eval-headline block.
+eval-readme: install
+	$(PY) -m flows.evaluate $(EVAL_ARGS) --readme README.md
 
 clean:
 	rm -rf $(OUT) .prefect .pytest_cache

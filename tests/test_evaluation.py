@@ -15,7 +15,7 @@ import torch
 
 from catalogs import CatalogStore
 from tasks.baselines import BASELINES
-from tasks.deidentify import load_face_pair
+from tasks.deidentify import DEFAULT_WEIGHTS, load_face_pair
 from tasks.detect import FaceDetector
 from tasks.evaluation import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
                               truth_box)
@@ -49,7 +49,7 @@ def evaluated(clips, one_thread):
 
 def test_held_out_faces_are_the_last_quarter_of_each_clip(evaluated):
     faces, _ = evaluated
-    assert faces.clips == ["wolfgang", "carphone"]
+    assert faces.subject_names == ["wolfgang", "carphone"]
     assert set(faces.frames[faces.subjects == 0]) <= set(range(18, 24))
     assert set(faces.frames[faces.subjects == 1]) <= set(range(12, 16))
     assert faces.x.shape[1:] == (64, 64, 3) and faces.x.dtype == np.uint8
@@ -109,24 +109,47 @@ def test_truth_box_is_the_face_square_inside_the_framed_crop():
 
 
 def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips, one_thread, tmp_path):
-    from flows.evaluate import evaluate
+    from flows.evaluate import README_END, README_START, evaluate
+    from tests.test_labelled_faces import labelled_catalog
 
+    corpus = labelled_catalog(clips, FaceDetector(batch_size=8), tmp_path / "corpus")
+    # A variant file for the per-s table: the bundled weights relabelled as trained with s_gender = +1.
+    # Only the plumbing is under test here (rows, labels, catalog); the numbers are the bundled pair's.
+    blob = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    blob["meta"]["config"]["control"] = "-1,1,0"
+    torch.save(blob, tmp_path / "keep-gender.pt")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{README_START}\nold table\n{README_END}\nafter\n")
     out = tmp_path / "eval"
     result = evaluate(clips_dir=str(clips["wolfgang"].parent), out=str(out), stride=2,
-                      clips=[str(clips["wolfgang"]), str(clips["carphone"])], codec_clip=str(clips["carphone"]),
-                      codec_frames=8, codec_settings=["ffv1", "x264-crf23"])
+                      clips=[str(clips["wolfgang"]), str(clips["carphone"])], corpus=str(corpus),
+                      max_sequences=4, frames_per_sequence=2, variants=[str(tmp_path / "keep-gender.pt")],
+                      codec_clip=str(clips["carphone"]), codec_frames=8, codec_settings=["ffv1", "x264-crf23"],
+                      readme=str(readme))
     report = (out / "report.html").read_text()
-    assert "blur" in report and "superpixel" in report and "x264-crf23" in report
-    for png in ("decision_environments.png", "roc.png", "codec_sweep.png"):
+    assert "blur" in report and "superpixel" in report and "x264-crf23" in report and "keep-gender" in report
+    for png in ("decision_environments_footage.png", "roc_footage.png", "decision_environments_faces.png",
+                "codec_sweep.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_id"] == result["run_id"]
-    assert set(summary["results"]) == {"original", OURS, *BASELINES}
+    assert set(summary["datasets"]) == {"footage", "faces"}
+    faces = summary["datasets"]["faces"]
+    assert set(faces["results"]) == {"original", OURS, *BASELINES}
+    assert faces["gallery"]["faces_selected"] == 8 and faces["faces"]["total"] == faces["gallery"]["faces_found"]
+    assert set(faces["controls"]) == {"uunet", "keep-gender"}
+    assert faces["controls"]["keep-gender"]["s"] == "id -1, gender 1, age_group 0"
     assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
     assert summary["codec"][0]["payload_recovery"] == 1.0
     metrics = CatalogStore(out / "catalogs").read("metrics")
-    assert set(metrics["method"]) >= {OURS, *BASELINES}
+    assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
+    assert set(metrics["method"]) >= {OURS, *BASELINES, f"{OURS}:keep-gender"}
     assert (metrics["run_id"] == result["run_id"]).all()
-    assert {"x_a_d_prime", "reversibility_residual_max", "psnr_roi_oracle"} <= set(metrics["metric"])
+    assert {"x_a_d_prime", "dlib_x_a_d_prime", "reversibility_residual_max", "psnr_roi_oracle",
+            "pipeline_face_found_rate"} <= set(metrics["metric"])
     bootstrapped = metrics[metrics["metric"] == "x_a_d_prime"]
     assert (bootstrapped["low"] <= bootstrapped["value"]).all() and (bootstrapped["value"] <= bootstrapped["high"]).all()
+    # The README block is the headline, between the markers; the rest of the README is untouched.
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
+    assert (out / "headline.md").read_text() in text and "| measure | x | ours | blur | superpixel |" in text
