@@ -32,7 +32,8 @@ DEFAULT_WEIGHTS = "models/weights/uunet.pt"
 def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MATCHER,
                      out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
                      device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
-                     resume: bool = True, metrics_every: int = 10, keyed: bool = True) -> dict[str, Any]:
+                     resume: bool = True, metrics_every: int = 10, keyed: bool = True, init: str | None = None,
+                     batch_subjects: int = UUNetConfig.subjects) -> dict[str, Any]:
     params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
     run_id, started = new_run_id(), utc_now()
@@ -44,11 +45,12 @@ def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MA
                              every=metrics_every)
     samples = SampleGrids(Path(out).parent / "samples")
     checkpoint = Path(out).with_suffix(".ckpt")
-    config = UUNetConfig(steps=steps, control=control, samples_every=samples_every, seed=seed, keyed=keyed)
-    logger.info("phase II on %s, %d steps, s=%s%s", dev, steps, control,
-                " (resuming)" if resume and checkpoint.is_file() else "")
+    config = UUNetConfig(steps=steps, control=control, samples_every=samples_every, seed=seed, keyed=keyed,
+                         subjects=batch_subjects)
+    logger.info("phase II on %s, %d steps, s=%s%s%s", dev, steps, control,
+                " (resuming)" if resume and checkpoint.is_file() else "", f", from {init}" if init else "")
     result = train_uunet(FaceData(tensors, dev, TRAIN), d_a, out, config,
-                         resume=checkpoint if resume else None, on_metrics=metrics, on_samples=samples)
+                         resume=checkpoint if resume else None, on_metrics=metrics, on_samples=samples, init=init)
     metrics.flush()
     record_run(catalog, run_id, "train-uunet", params, started, "done")
     logger.info("U-Nets: %s; samples %s", result, [str(p) for p in samples.written[-1:]])
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-mode", dest="keyed", action="store_false",
                    help="U_d sees a only, as in the paper (default: U_d also needs the keyed noise)")
     p.add_argument("--metrics-every", type=int, default=10, help="write per-step losses every N steps")
+    p.add_argument("--init", help="start U_e/U_d from this weights file: fine-tune it to another --control")
+    p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects,
+                   help="subjects per batch (batch = subjects x 2 sequences x 4 frames)")
     print(json.dumps(train_uunet_flow(**vars(p.parse_args(argv))), default=str, indent=1))
     return 0
 

@@ -106,3 +106,30 @@ def test_paper_mode_trains_a_decoder_that_sees_no_key(faces_file, matcher_file, 
                 on_metrics=lambda s, v: seen.append(v))
     pair = load_face_pair("uunet", tmp_path / "paper.pt")
     assert pair.decoder.keyed is False and "loss_keypix" not in seen[0]
+
+
+def test_fine_tuning_starts_from_a_trained_pair_and_records_its_s(faces_file, matcher_file, tmp_path):
+    device = torch.device("cpu")
+    data = FaceData(faces_file, device, 0)
+    matcher, _ = load_matcher(matcher_file, device)
+    base = UUNetConfig(steps=3, subjects=2, sequences=2, frames=2, widths=SMALL,
+                       critic_widths=(8, 16, 32), critic_head=32)
+    train_uunet(data, matcher, tmp_path / "base.pt", base)
+    start = load_face_pair("uunet", tmp_path / "base.pt")
+
+    seen = []
+    tuned = UUNetConfig(**{**base.__dict__, "steps": 1, "control": "-1,1,0", "lr_generator": 0.0})
+    train_uunet(data, matcher, tmp_path / "tuned.pt", tuned, init=tmp_path / "base.pt",
+                on_metrics=lambda s, v: seen.append(s))
+    pair = load_face_pair("uunet", tmp_path / "tuned.pt")
+    assert seen == [1]  # a fresh run at step 0, not a resume of base's checkpoint
+    # With a zero learning rate the tuned pair keeps the weights it started from (batch-norm
+    # running statistics still move in training mode, so parameters only).
+    for net in ("encoder", "decoder"):
+        for mine, theirs in zip(getattr(pair, net).parameters(), getattr(start, net).parameters()):
+            assert torch.equal(mine, theirs)
+    assert pair.meta["config"]["control"] == "-1,1,0" and pair.meta["init"] == str(tmp_path / "base.pt")
+
+    other = UUNetConfig(**{**base.__dict__, "widths": (8, 16, 32, 32)})
+    with pytest.raises(ValueError, match="cannot start"):
+        train_uunet(data, matcher, tmp_path / "bad.pt", other, init=tmp_path / "base.pt")
