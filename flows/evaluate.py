@@ -83,6 +83,8 @@ HEADLINE: list[tuple[str, str | None, str]] = [
     ("temporal_ks_p", None, "temporal: KS p-value genuine vs impostor ↓"),
     ("diversity_cos_mean", None, "diversity, two sequences of one face: mean SFace cosine ↓"),
     ("diversity_same_rate", None, "diversity: SFace same-person rate ↓"),
+    ("diversity_seq_d_prime", None, "diversity, one subject's other sequences vs other people: d′ ↓"),
+    ("diversity_seq_same_rate", None, "diversity, one subject's other sequences: SFace same person ↓"),
     ("psnr_x_r", None, "PSNR x↔r dB (64×64, non-exact faces) ↑"),
     ("ssim_x_r", None, "SSIM x↔r ↑"),
     ("same_person_x_r", None, "SFace same person x↔r ↑"),

@@ -18,7 +18,8 @@ Measures (Sec. IV of the paper; eq. 14 for d'):
   SFace (cosine) and dlib (negated Euclidean distance). They need two faces of one subject:
   a split of single-image subjects gets none (and no temporal measure), not a zero;
 - temporal consistency (ours): a_t<->a_t+i of one sequence against a of other people;
-- diversity (ours): a of sequence 0 against a of sequence 1 on the same frames;
+- diversity (ours): a of sequence 0 against a of sequence 1 on the same frames; and, where
+  a catalog gives one subject several sequences, a of one sequence against a of another;
 - soft label: gender agreement x<->a (the gender judge on both), agreement of the judge's
   call on a with the catalog's label, and both per control vector s (`compare_controls`);
 - reversibility (ours): PSNR and SSIM x<->r, SFace same-person rates x<->r and
@@ -69,6 +70,7 @@ class FaceSet:
     noise: np.ndarray           # float32 (n, 64, 64): the keyed noise U_e was given, for other pairs to reuse
     residual_max: float         # max |r1 - r2| over two runs of U_e then U_d on the same input
     gender_labels: np.ndarray | None = None  # (n,) P(male) from the catalog, NaN where unknown
+    sequences: np.ndarray | None = None      # (n,) the pipeline's sequence (track) of each face
     dataset: str = "footage"
 
 
@@ -260,6 +262,20 @@ def cross_environment(e1: np.ndarray, e2: np.ndarray, subjects: np.ndarray, eucl
     return Environment(genuine.astype(np.float64), impostor.astype(np.float64))
 
 
+def sequence_environment(emb: np.ndarray, subjects: np.ndarray, sequences: np.ndarray | None) -> Environment | None:
+    """Genuine: same subject, different sequence; impostor: different subjects. None without such pairs."""
+    if sequences is None:
+        return None
+    cos = emb @ emb.T
+    upper = np.triu(np.ones(cos.shape, dtype=bool), k=1)
+    same = subjects[:, None] == subjects[None, :]
+    other_seq = sequences[:, None] != sequences[None, :]
+    genuine, impostor = cos[upper & same & other_seq], cos[upper & ~same]
+    if not len(genuine) or not len(impostor):
+        return None
+    return Environment(genuine.astype(np.float64), impostor.astype(np.float64))
+
+
 def rate(values: np.ndarray, seed: int = 0) -> Estimate:
     return Estimate(*bootstrap(np.asarray(values, dtype=float), n_resamples=N_RESAMPLES, seed=seed))
 
@@ -369,6 +385,12 @@ def ours_only(faces: FaceSet, emb_x: np.ndarray, emb_a: np.ndarray, dlib_x: np.n
         result.environments["diversity seq 0↔seq 1"] = Environment(diversity.astype(np.float64), temporal.impostor)
     result.metrics["diversity_cos_mean"] = rate(diversity, seed)
     result.metrics["diversity_same_rate"] = rate(diversity >= threshold, seed)
+    across = sequence_environment(emb_a, faces.subjects, faces.sequences)
+    if across is not None:
+        # The paper's diversity on real data: one person's different sequences (other days,
+        # other cameras) must get virtual identities as unlike as two different people's.
+        _add_environment(result, "diversity: a of one subject, other sequence", "diversity_seq", across, seed)
+        result.metrics["diversity_seq_same_rate"] = rate(across.genuine >= threshold, seed)
 
     cos_r = np.sum(emb_x * embed_all(judges.sface, faces.r), axis=1)
     cos_wrong = np.sum(emb_x * embed_all(judges.sface, faces.r_wrong), axis=1)

@@ -205,6 +205,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
         x=x_arr, a=_stack(a), r=_stack(r), r_wrong=_stack(r_wrong), a_seq0=a_seq0, a_seq1=a_seq1,
         noise=noise_arr, residual_max=residual,
         gender_labels=None if genders is None else genders[kept],
+        sequences=np.array([roi.seq_id for _, roi in picked], dtype=np.int64),
         dataset="faces")
     run = GalleryRun(
         faces_selected=len(rows), faces_found=len(picked), frames=record.frame_count,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -153,3 +154,24 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
     assert (out / "headline.md").read_text() in text and "| measure | x | ours | blur | superpixel |" in text
+
+
+def test_sequence_environment_pairs_other_sequences_of_one_subject():
+    from tasks.evaluation import sequence_environment
+
+    e = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 3]]
+    subjects = np.array([0, 0, 0, 1, 1])
+    sequences = np.array([5, 5, 6, 7, 7])
+    env = sequence_environment(e, subjects, sequences)
+    assert len(env.genuine) == 2  # (0, 2) and (1, 2): same subject, other sequence; never (0, 1)
+    assert len(env.impostor) == 6  # 3 faces of subject 0 × 2 of subject 1
+    assert sequence_environment(e, subjects, np.array([5, 5, 5, 7, 7])) is None  # one sequence each
+    assert sequence_environment(e, subjects, None) is None
+
+
+def test_readme_has_one_headline_block_for_make_eval_readme():
+    from flows.evaluate import README_END, README_START
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert text.count(README_START) == 1 and text.count(README_END) == 1
+    assert text.index(README_START) < text.index(README_END)

@@ -110,6 +110,7 @@ def test_split_runs_through_both_modules_and_reads_faces_back(split_run):
     assert err(faces.r, faces.x) < err(faces.r_wrong, faces.x)
     assert not np.array_equal(faces.a_seq0, faces.a_seq1)
     assert faces.noise.shape == (len(faces.x), 64, 64)
+    assert len(set(faces.sequences.tolist())) == 4  # the faces carry the pipeline's own tracks
 
 
 def test_split_faces_go_through_every_measure_and_controls_compare_pairs(split_run, detector):
@@ -119,7 +120,8 @@ def test_split_faces_go_through_every_measure_and_controls_compare_pairs(split_r
     ref, ours = results["original"].metrics, results["ours"].metrics
     for name in ("x_x_d_prime", "dlib_x_x_d_prime", "gender_label_agreement"):
         assert math.isfinite(ref[name].value), name
-    for name in ("x_a_auc", "dlib_x_a_auc", "temporal_d_prime", "gender_label_agreement", "psnr_x_r"):
+    for name in ("x_a_auc", "dlib_x_a_auc", "temporal_d_prime", "gender_label_agreement", "psnr_x_r",
+                 "diversity_seq_d_prime", "diversity_seq_same_rate"):
         assert math.isfinite(ours[name].value), name
     # The judge calls the Wolfgang woman female (model card: p_male <= 0.08), against the
     # deliberately wrong label, and the carphone man male.
@@ -142,7 +144,7 @@ def test_a_split_of_single_image_subjects_has_no_identity_environment(split_run,
     _, faces, _ = split_run
     one_each = np.sort(np.unique(faces.subjects, return_index=True)[1])  # first face of each subject
     picked = {k: getattr(faces, k)[one_each] for k in ("subjects", "frames", "x", "a", "r", "r_wrong", "a_seq0",
-                                                       "a_seq1", "noise", "gender_labels")}
+                                                       "a_seq1", "noise", "gender_labels", "sequences")}
     single = dataclasses.replace(faces, **picked)
     judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
     results = evaluate_methods(single, {}, judges, ROI_SCALE)
