@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-requirements
 ARCHIVE ?= samples
 OUT     ?= out
 
-.PHONY: install run test bench train eval eval-readme clean
+.PHONY: install run test bench train variants eval eval-readme clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ train: install
 		--device $(TRAIN_DEVICE) --out $(TRAIN_OUT)/matcher.pt
 	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps $(UUNET_STEPS) --control=-1,0,0 \
 		--device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt --out $(TRAIN_OUT)/uunet.pt
+
+# Fine-tune the bundled pair to two other control vectors (gender kept, gender changed): the
+# variants `make eval` compares per s. VARIANT_STEPS from the bundled variants' model card.
+VARIANT_STEPS ?= 520
+variants: install
+	for v in keep-gender:-1,1,0 change-gender:-1,-1,0; do \
+		$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --init models/weights/uunet.pt \
+			--control=$${v#*:} --steps $(VARIANT_STEPS) --batch-subjects 4 --half --device $(TRAIN_DEVICE) \
+			--out $(TRAIN_OUT)/variants/$${v%%:*}.pt || exit 1; \
+	done
 
 # Paper Sec. IV: ours vs blur vs superpixel on the held-out faces of samples/ and on the test split
 # of the training corpus (built in out/corpus when missing), per-s variants, the codec sweep → $(OUT)/eval.

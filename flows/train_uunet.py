@@ -33,7 +33,7 @@ def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MA
                      out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
                      device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
                      resume: bool = True, metrics_every: int = 10, keyed: bool = True, init: str | None = None,
-                     batch_subjects: int = UUNetConfig.subjects) -> dict[str, Any]:
+                     batch_subjects: int = UUNetConfig.subjects, half: bool = False) -> dict[str, Any]:
     params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
     run_id, started = new_run_id(), utc_now()
@@ -50,7 +50,8 @@ def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MA
     logger.info("phase II on %s, %d steps, s=%s%s%s", dev, steps, control,
                 " (resuming)" if resume and checkpoint.is_file() else "", f", from {init}" if init else "")
     result = train_uunet(FaceData(tensors, dev, TRAIN), d_a, out, config,
-                         resume=checkpoint if resume else None, on_metrics=metrics, on_samples=samples, init=init)
+                         resume=checkpoint if resume else None, on_metrics=metrics, on_samples=samples, init=init,
+                         half=half)
     metrics.flush()
     record_run(catalog, run_id, "train-uunet", params, started, "done")
     logger.info("U-Nets: %s; samples %s", result, [str(p) for p in samples.written[-1:]])
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", help="start U_e/U_d from this weights file: fine-tune it to another --control")
     p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects,
                    help="subjects per batch (batch = subjects x 2 sequences x 4 frames)")
+    p.add_argument("--half", action="store_true", help="write the weights in float16 (for kept variants)")
     print(json.dumps(train_uunet_flow(**vars(p.parse_args(argv))), default=str, indent=1))
     return 0
 

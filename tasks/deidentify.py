@@ -44,9 +44,19 @@ class FacePair:
 
 def save_face_pair(
     path: str | Path, name: str, encoder: nn.Module, decoder: nn.Module,
-    config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None, half: bool = False,
 ) -> Path:
-    """Write a weights file the pipeline can load: model name + config + both state dicts."""
+    """Write a weights file the pipeline can load: model name + config + both state dicts.
+
+    `half` stores floating tensors as float16 (half the size; loading casts them back to the
+    module's float32): for variants kept for comparison, not for the pipeline's default pair.
+    """
+
+    def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+        # CPU tensors, so a file trained on a GPU loads anywhere.
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -56,9 +66,8 @@ def save_face_pair(
             "model": name,
             "config": dict(config or {}),
             "meta": dict(meta or {}),
-            # CPU tensors, so a file trained on a GPU loads anywhere.
-            "encoder": {k: v.cpu() for k, v in encoder.state_dict().items()},
-            "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()},
+            "encoder": tensors(encoder),
+            "decoder": tensors(decoder),
         },
         tmp,
     )

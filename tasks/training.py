@@ -262,12 +262,13 @@ def sample_grid(x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, r_wrong: torc
 def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, config: UUNetConfig,
                 resume: str | Path | None = None, on_metrics: MetricsHook | None = None,
                 on_samples: SamplesHook | None = None, deadline: float | None = None,
-                init: str | Path | None = None) -> dict[str, Any]:
+                init: str | Path | None = None, half: bool = False) -> dict[str, Any]:
     """Phase II (eq. 13): critic steps (eq. 6 + gradient penalty) alternate with generator steps.
 
     `deadline` (time.time() value) stops early with a checkpoint, for time-boxed GPU bursts.
     `init` starts U_e and U_d from a trained pair (a fresh critic, step 0): fine-tuning a
     pair to another control vector s costs far fewer steps than training one from scratch.
+    `half` writes the weights file in float16 (see save_face_pair).
     """
     from tasks.deidentify import save_face_pair  # torch-only; kept local so this module stays light
 
@@ -366,7 +367,7 @@ def train_uunet(data: FaceData, matcher: AttributeMatcher, out: str | Path, conf
     save_face_pair(out, "uunet", encoder.eval(), decoder.eval(), model_config,
                    {"step": step, "config": _jsonable(asdict(config)),
                     "label_names": matcher_label_names(matcher, data),
-                    "init": None if init is None else str(init)})
+                    "init": None if init is None else str(init)}, half=half)
     return {"step": step, "seconds": time.time() - started}
 
 
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (ID entry always -1)")
     p.add_argument("--batch-subjects", type=int, default=UUNetConfig.subjects)
     p.add_argument("--init", help="phase II: start U_e/U_d from this weights file (fine-tune)")
+    p.add_argument("--half", action="store_true", help="phase II: write the weights in float16 (half the size)")
     p.add_argument("--paper-mode", action="store_true", help="U_d sees a only (no key), as in the paper")
     p.add_argument("--loss-weights", default="{}", help='JSON overrides, e.g. {"adv": 0.1, "keypix": 50}')
     p.add_argument("--log-every", type=int, default=50)
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         config.weights.update(json.loads(args.loss_weights))
         deadline = time.time() + 60 * args.minutes if args.minutes else None
         result = train_uunet(data, matcher, out, config, resume, hook, _png_hook(out.parent / "samples"),
-                             deadline, args.init)
+                             deadline, args.init, args.half)
     print(json.dumps(result))
 
 

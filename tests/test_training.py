@@ -133,3 +133,21 @@ def test_fine_tuning_starts_from_a_trained_pair_and_records_its_s(faces_file, ma
     other = UUNetConfig(**{**base.__dict__, "widths": (8, 16, 32, 32)})
     with pytest.raises(ValueError, match="cannot start"):
         train_uunet(data, matcher, tmp_path / "bad.pt", other, init=tmp_path / "base.pt")
+
+
+def test_half_precision_weights_load_as_float32_and_nearly_agree(tmp_path):
+    from models.registry import build_pair
+    from tasks.deidentify import save_face_pair
+
+    torch.manual_seed(0)
+    config = {"widths": list(SMALL), "keyed": True}
+    encoder, decoder = build_pair("uunet", config)
+    full = save_face_pair(tmp_path / "full.pt", "uunet", encoder.eval(), decoder.eval(), config)
+    half = save_face_pair(tmp_path / "half.pt", "uunet", encoder.eval(), decoder.eval(), config, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    a, b = load_face_pair("uunet", full), load_face_pair("uunet", half)
+    assert all(p.dtype == torch.float32 for p in b.encoder.parameters())
+    x, noise = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        diff = (a.encoder(x, noise) - b.encoder(x, noise)).abs().max().item()
+    assert 0.0 < diff < 0.01  # rounded, not broken: at most a couple of 8-bit levels (1/255 ≈ 0.004)
