@@ -74,8 +74,9 @@ HEADLINE: list[tuple[str, str | None, str]] = [
     ("x_a_auc", "x_x_auc", "SFace identity x↔a′: AUC ↓"),
     ("dlib_x_a_d_prime", "dlib_x_x_d_prime", "dlib identity x↔a′ (x: x↔x′): d′ ↓"),
     ("dlib_x_a_auc", "dlib_x_x_auc", "dlib identity x↔a′: AUC ↓"),
-    ("same_person_x_a", None, "SFace same person x↔a (same frame) ↓"),
-    ("dlib_same_person_x_a", None, "dlib same person x↔a (same frame) ↓"),
+    ("same_person_x_a", "same_person_impostor", "SFace same person x↔a, same frame (x: two different people) ↓"),
+    ("dlib_same_person_x_a", "dlib_same_person_impostor",
+     "dlib same person x↔a, same frame (x: two different people) ↓"),
     ("gender_agreement", None, "gender agreement x↔a (gender judge on both) ↑"),
     ("gender_label_agreement", "gender_label_agreement", "gender judge on a = catalog label ↑"),
     ("temporal_d_prime", None, "temporal consistency a_t↔a_t+i: d′ ↑"),
@@ -439,7 +440,8 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
         pair = load_face_pair(model, weights)
         pairs = {Path(pair.source).stem if model != "keyed-permutation" else model: pair}
         for path in variants or []:
-            pairs[Path(path).stem] = load_face_pair(model, path)
+            name = Path(path).stem if Path(path).stem not in pairs else f"{Path(path).parent.name}/{Path(path).stem}"
+            pairs[name] = load_face_pair(model, path)
         judges = Judges(FaceDetector(min_face_size=settings.min_face_size, batch_size=settings.batch_size),
                         SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
         if clip_paths:

@@ -276,6 +276,13 @@ def sequence_environment(emb: np.ndarray, subjects: np.ndarray, sequences: np.nd
     return Environment(genuine.astype(np.float64), impostor.astype(np.float64))
 
 
+def false_accept_rate(same: np.ndarray, subjects: np.ndarray, seed: int) -> Estimate | None:
+    """Share of different-subject pairs a judge calls the same person (`same`: its (n, n)
+    verdicts), each unordered pair once; None with a single subject."""
+    upper = np.triu(np.ones(same.shape, dtype=bool), k=1) & (subjects[:, None] != subjects[None, :])
+    return rate(same[upper], seed) if upper.any() else None
+
+
 def rate(values: np.ndarray, seed: int = 0) -> Estimate:
     return Estimate(*bootstrap(np.asarray(values, dtype=float), n_resamples=N_RESAMPLES, seed=seed))
 
@@ -332,6 +339,14 @@ def evaluate_methods(faces: FaceSet, methods: Mapping[str, Method], judges: Judg
     if dlib_x is not None:
         _add_environment(reference, "x↔x′ (dlib)", "dlib_x_x",
                          environment_or_none(dlib_x, dlib_x, subjects, euclidean=True), seed)
+    # How often each judge calls two *different* people the same: the floor under every
+    # same-person rate below (a lenient judge on small, blurry or GAN faces has a high one).
+    verdicts = {"same_person_impostor": similarities(emb_x, emb_x) >= judges.sface.threshold}
+    if dlib_x is not None:
+        verdicts["dlib_same_person_impostor"] = -similarities(dlib_x, dlib_x, euclidean=True) < judges.dlib.threshold
+    for name, same in verdicts.items():
+        if (far := false_accept_rate(same, subjects, seed)) is not None:
+            reference.metrics[name] = far
     reference.metrics["faces"] = Estimate(float(len(faces.x)))
     reference.metrics["subjects"] = Estimate(float(len(np.unique(subjects))))
     reference.metrics["mtcnn_detection_rate_x"] = rate(on_x.hit, seed)

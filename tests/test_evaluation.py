@@ -175,3 +175,13 @@ def test_readme_has_one_headline_block_for_make_eval_readme():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert text.count(README_START) == 1 and text.count(README_END) == 1
     assert text.index(README_START) < text.index(README_END)
+
+
+def test_false_accept_rate_counts_different_people_pairs_once():
+    from tasks.evaluation import false_accept_rate
+
+    same = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    subjects = np.array([0, 0, 1, 2])
+    # Different-subject pairs: (0,2) yes, (0,3) no, (1,2) no, (1,3) no, (2,3) yes → 2 of 5.
+    assert false_accept_rate(same, subjects, seed=0).value == pytest.approx(0.4, abs=0.05)
+    assert false_accept_rate(same, np.zeros(4, dtype=int), seed=0) is None
