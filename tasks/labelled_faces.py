@@ -20,6 +20,7 @@ what the public stream shows where it did replace a face.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,6 @@ import pandas as pd
 import torch
 
 from catalogs import CatalogStore
-from catalogs.store import file_content_hash
 from tasks.decode import read_frames
 from tasks.deidentify import FaceSwapper, crop_faces
 from tasks.detect import FaceDetector
@@ -89,6 +89,15 @@ def select_split(faces: pd.DataFrame, split: str, max_sequences: int, frames_per
             seq = seq.iloc[np.unique(np.linspace(0, len(seq) - 1, frames_per_sequence).round().astype(int))]
         parts.append(seq)
     return pd.concat(parts, ignore_index=True)
+
+
+def gallery_id(rows: pd.DataFrame) -> str:
+    """A 64-hex video id from the faces in the gallery, in order."""
+    digest = hashlib.sha256()
+    columns = [c for c in ("dataset", "sequence_id", "frame_index", "image_path", "array_index") if c in rows]
+    for row in rows[columns].itertuples(index=False):
+        digest.update(repr(tuple(row)).encode())
+    return digest.hexdigest()
 
 
 def head_square() -> tuple[int, int, int, int]:
@@ -153,7 +162,9 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
     seq_keys = (rows["dataset"].astype(str) + "/" + rows["sequence_id"].astype(str)).to_numpy()
     source = work_dir / "gallery.mkv"
     frame_of = write_gallery(images, seq_keys, source, gap=settings.max_gap + 1)
-    video_id = file_content_hash(source)
+    # Named by what it holds, not by its bytes: x264's output is not bit-stable between runs,
+    # and a changed id would change every keyed noise and so every number.
+    video_id = gallery_id(rows)
     catalog = CatalogStore(work_dir / "catalogs")
     public = work_dir / "public.mkv"
     record = anonymize_video(source, public, key=key, video_id=video_id, detector=detector, swapper=swapper,

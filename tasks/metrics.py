@@ -151,6 +151,28 @@ def bootstrap(values: ArrayLike, statistic: Callable[[np.ndarray], float] = np.m
     return float(results.mean()), float(results.std(ddof=1))
 
 
+def bootstrap_two_samples(genuine: ArrayLike, impostor: ArrayLike,
+                          statistic: Callable[[np.ndarray, np.ndarray], float], fraction: float = 0.9,
+                          n_resamples: int = 200, seed: int = 0, *, replace: bool = False) -> tuple[float, float]:
+    """`bootstrap` for a statistic of two samples (d′, AUC): each sample is resampled on its
+    own, so every resample keeps both, in their original proportion. Resampling the pooled
+    pairs instead can draw a resample without a single genuine pair when there are few."""
+    g, i = np.asarray(genuine, dtype=np.float64).ravel(), np.asarray(impostor, dtype=np.float64).ravel()
+    if g.size == 0 or i.size == 0:
+        raise ValueError("both samples need at least one score")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if n_resamples < 2:
+        raise ValueError(f"n_resamples must be >= 2 for a standard deviation, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+
+    def draw(v: np.ndarray) -> np.ndarray:
+        return v[rng.choice(v.size, size=max(1, int(round(fraction * v.size))), replace=replace)]
+
+    results = np.array([float(statistic(draw(g), draw(i))) for _ in range(n_resamples)])
+    return float(results.mean()), float(results.std(ddof=1))
+
+
 def average_precision(scores: ArrayLike, is_true_positive: ArrayLike, n_ground_truth: int) -> float:
     """Detection AP: area under the precision-recall curve, all-points interpolation.
 

@@ -24,7 +24,7 @@ from tasks.face_corpus import faces_from_footage, load_face_images
 from tasks.held_out import CONTEXT_GREY, in_context
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 from tasks.keys import Key
-from tasks.labelled_faces import run_split, select_split, write_gallery
+from tasks.labelled_faces import gallery_id, run_split, select_split, write_gallery
 from tasks.workers import PipelineSettings
 
 ROI_SCALE = 1.3
@@ -78,6 +78,13 @@ def test_select_split_caps_sequences_and_frames_and_keeps_order():
     assert two["sequence_id"].nunique() == 2 and len(two) == len(select_split(faces, "test", 2, 8, seed=1))
     with pytest.raises(ValueError, match="no 'val' rows"):
         select_split(faces, "val", 5, 5)
+
+
+def test_gallery_id_names_the_faces_not_the_bytes():
+    rows = pd.DataFrame({"dataset": "d", "sequence_id": ["a", "b"], "frame_index": [0, 0],
+                         "image_path": ["f.npy", "f.npy"], "array_index": [0, 1]})
+    assert gallery_id(rows) == gallery_id(rows.copy()) and len(gallery_id(rows)) == 64
+    assert gallery_id(rows) != gallery_id(rows.iloc[::-1]) != gallery_id(rows.assign(array_index=[0, 2]))
 
 
 def test_gallery_clip_holds_each_face_then_a_gap_the_tracker_cannot_bridge(tmp_path):

@@ -140,3 +140,24 @@ def test_ssim() -> None:
     assert ssim(tiny, noisy[:5, :5]) < 1.0
     with pytest.raises(ValueError):
         ssim(image[:2, :2], image[:2, :2])
+
+
+def test_two_sample_bootstrap_keeps_both_samples_in_every_resample() -> None:
+    from tasks.metrics import bootstrap_two_samples
+
+    genuine, impostor = np.array([0.9]), np.linspace(0.0, 0.2, 50)  # one genuine pair only
+    seen = []
+
+    def statistic(g: np.ndarray, i: np.ndarray) -> float:
+        seen.append((g.size, i.size))
+        return decidability(g, i)
+
+    mean, sd = bootstrap_two_samples(genuine, impostor, statistic, n_resamples=30, replace=True, seed=1)
+    assert set(seen) == {(1, 45)} and math.isfinite(mean) and sd > 0
+    assert bootstrap_two_samples(genuine, impostor, statistic, seed=1, n_resamples=5) == \
+        bootstrap_two_samples(genuine, impostor, statistic, seed=1, n_resamples=5)
+    # Without replacement and with everything kept, every resample is the full data.
+    assert bootstrap_two_samples([1.0, 2.0], [0.0, 0.5], lambda g, i: g.mean() - i.mean(),
+                                 fraction=1.0, n_resamples=3) == (pytest.approx(1.25), pytest.approx(0.0))
+    with pytest.raises(ValueError):
+        bootstrap_two_samples([], impostor, statistic)
