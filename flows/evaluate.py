@@ -159,9 +159,9 @@ def score_split(corpus: str, split: str, pair: FacePair, settings: PipelineSetti
 
 
 @task(task_run_name="control vectors on {title}", cache_policy=NO_CACHE, persist_result=False)
-def score_controls(title: str, faces: FaceSet, pairs: dict[str, FacePair], judges: Judges,
+def score_controls(title: str, faces: FaceSet, pairs: dict[str, FacePair], judges: Judges, roi_scale: float,
                    seed: int) -> dict[str, dict[str, Any]]:
-    return compare_controls(faces, pairs, judges, seed)
+    return compare_controls(faces, pairs, judges, roi_scale, seed)
 
 
 def cut_clip(source: Path, dest: Path, frames: int) -> Path:
@@ -316,7 +316,7 @@ def control_rows(controls: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 CONTROL_HEADER = ["weights", "s", "gender agreement x↔a", "judge on a = catalog label",
-                  "SFace same person x↔a", "dlib same person x↔a"]
+                  "SFace same person x↔a", "dlib same person x↔a", "MTCNN detects a"]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -343,8 +343,8 @@ def headline_markdown(datasets: dict[str, DatasetResult], codec: list[SweepRow],
                   _markdown_table(["measure", "x", *METHODS], [[label, *cells] for label, cells in
                                                                headline_rows(data.results)]), ""]
         if data.controls:
-            parts += ["Per control vector s (each pair's U_e on the same 64×64 x with the same keyed noise, "
-                      "before any paste: the rows differ only by training):", "",
+            parts += ["Per control vector s (each pair's U_e on the same 64×64 x with the same noise, drawn "
+                      "afresh per face, before any paste: the rows differ only by training):", "",
                       _markdown_table(CONTROL_HEADER, control_rows(data.controls)), ""]
     if codec:
         parts += ["**Reversal under codecs** (public stream re-encoded; oracle = the lossless stream's ROIs):", "",
@@ -379,8 +379,8 @@ def write_report(out: Path, params: dict[str, Any], datasets: dict[str, DatasetR
     for key, data in datasets.items():
         table = _html_table(["measure", "x", *METHODS],
                             [[label, *cells] for label, cells in headline_rows(data.results)])
-        controls = ("<h3>Per control vector s</h3><p>Each weights file de-identifies the same x with the same keyed "
-                    "noise; only the s it was trained with differs.</p>"
+        controls = ("<h3>Per control vector s</h3><p>Each weights file de-identifies the same x with the same "
+                    "noise (drawn afresh per face); only the s it was trained with differs.</p>"
                     + _html_table(CONTROL_HEADER, control_rows(data.controls))) if data.controls else ""
         images = "".join(f'<p><img src="{n}" alt="{n}"></p>' for n in plots if n.endswith(f"_{key}.png"))
         sections.append(f"<h2>{html.escape(data.title)}</h2><p>{html.escape(data.description)}</p>"
@@ -470,7 +470,7 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
         if not datasets:
             raise ValueError("nothing to evaluate: no clips and no faces catalog")
         for data in datasets.values():
-            data.controls = score_controls(data.title, data.faces, pairs, judges, seed)
+            data.controls = score_controls(data.title, data.faces, pairs, judges, settings.roi_scale, seed)
         codec = codec_robustness(codec_clip, codec_frames, pair, settings, judges, codec_settings, seed) \
             if codec_frames > 0 else []
     plots = _plots(out_dir, datasets, codec)

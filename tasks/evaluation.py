@@ -72,7 +72,6 @@ class FaceSet:
     r_wrong: np.ndarray         # U_d(a) with a wrong key
     a_seq0: np.ndarray          # ours on x again, with the face's own sequence noise (diversity reference)
     a_seq1: np.ndarray          # ours on x with another sequence's noise: the same person's other identity
-    noise: np.ndarray           # float32 (n, 64, 64): the keyed noise U_e was given, for other pairs to reuse
     residual_max: float         # max |r1 - r2| over two runs of U_e then U_d on the same input
     gender_labels: np.ndarray | None = None  # (n,) P(male) from the catalog, NaN where unknown
     sequences: np.ndarray | None = None      # (n,) the pipeline's sequence (track) of each face
@@ -139,7 +138,7 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
     if not parts:
         raise ValueError("no held-out frame of any clip holds a face")
 
-    a_seq0, a_seq1, noises, residual = [], [], [], 0.0
+    a_seq0, a_seq1, residual = [], [], 0.0
     for faces, video_id in parts:
         # U_e sees the uint8 crop here (run_clip fed it the float crop): both sequences get
         # the very same input, so any difference between them is the noise's doing.
@@ -149,7 +148,6 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
             n = torch.from_numpy(keyed_noise(k, video_id, seq_id)).to(pair.device)
             return n.expand(len(x_in), 1, -1, -1)
 
-        noises.append(noise(SEQ_ID)[:, 0].cpu().numpy())
         a0 = to_uint8(pair.encoder(x_in, noise(SEQ_ID)))
         a_seq0.append(a0)
         a_seq1.append(to_uint8(pair.encoder(x_in, noise(VIRTUAL_SEQ_ID))))
@@ -162,7 +160,7 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
         return np.concatenate([getattr(faces, name) for faces, _ in parts])
 
     return FaceSet(np.asarray(subjects), names, np.asarray(frames), cat("x"), cat("a"), cat("r"), cat("r_wrong"),
-                   np.concatenate(a_seq0), np.concatenate(a_seq1), np.concatenate(noises), residual)
+                   np.concatenate(a_seq0), np.concatenate(a_seq1), residual)
 
 
 # --- detection -------------------------------------------------------------------------
@@ -428,7 +426,8 @@ def ours_only(faces: FaceSet, emb_x: np.ndarray, emb_a: np.ndarray, dlib_x: np.n
 
 # --- the control vector s ---------------------------------------------------------------------
 
-CONTROL_METRICS = ("gender_agreement", "gender_label_agreement", "same_person_x_a", "dlib_same_person_x_a")
+CONTROL_METRICS = ("gender_agreement", "gender_label_agreement", "same_person_x_a", "dlib_same_person_x_a",
+                   "detection_rate_a")
 
 
 def control_label(pair: FacePair) -> str:
@@ -444,22 +443,29 @@ def control_label(pair: FacePair) -> str:
 
 
 @torch.inference_mode()
-def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judges,
+def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judges, roi_scale: float,
                      seed: int = 0) -> dict[str, dict[str, Estimate | str]]:
     """Soft-label consistency per control vector s: each pair de-identifies the very same x
-    with the very same keyed noise, so only its training (its s) differs between rows."""
+    with the very same noise, so only its training (its s) differs between rows.
+
+    The noise is drawn afresh for every face (seeded), as if each were its own sequence: in
+    the pipeline all faces of a sequence share one virtual identity, so on footage with a
+    few long sequences a rate over faces would rest on a few draws of the noise.
+    """
     x_in = from_uint8(faces.x, torch.device("cpu"))
+    noise_all = torch.from_numpy(np.random.default_rng(seed).random((len(faces.x), 1, 64, 64), dtype=np.float32))
     emb_x = embed_all(judges.sface, faces.x)
     dlib_x = dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None
+    on_x = detect_faces(judges.detector, faces.x, roi_scale)
     table: dict[str, dict[str, Estimate | str]] = {}
     for name, pair in pairs.items():
-        noise = torch.from_numpy(np.ascontiguousarray(faces.noise)).unsqueeze(1).to(pair.device)
-        a = to_uint8(pair.encoder(x_in.to(pair.device), noise))
+        a = to_uint8(pair.encoder(x_in.to(pair.device), noise_all.to(pair.device)))
         emb_a = embed_all(judges.sface, a)
         row: dict[str, Estimate | str] = {
             "s": control_label(pair),
             "gender_agreement": gender_agreement(judges.gender, faces.x, a, seed),
             "same_person_x_a": rate(np.sum(emb_x * emb_a, axis=1) >= judges.sface.threshold, seed),
+            "detection_rate_a": rate(detect_faces(judges.detector, a, roi_scale).hit & on_x.hit, seed),
         }
         if faces.gender_labels is not None and (agree := label_agreement(
                 judges.gender, a, faces.gender_labels, seed)) is not None:

@@ -214,7 +214,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
         subject_names=names,
         frames=np.array([int(frame_of[row]) for row in kept], dtype=np.int64),
         x=x_arr, a=_stack(a), r=_stack(r), r_wrong=_stack(r_wrong), a_seq0=a_seq0, a_seq1=a_seq1,
-        noise=noise_arr, residual_max=residual,
+        residual_max=residual,
         gender_labels=None if genders is None else genders[kept],
         sequences=np.array([roi.seq_id for _, roi in picked], dtype=np.int64),
         dataset="faces")

@@ -116,7 +116,6 @@ def test_split_runs_through_both_modules_and_reads_faces_back(split_run):
     assert err(faces.r, faces.x) < err(faces.a, faces.x)
     assert err(faces.r, faces.x) < err(faces.r_wrong, faces.x)
     assert not np.array_equal(faces.a_seq0, faces.a_seq1)
-    assert faces.noise.shape == (len(faces.x), 64, 64)
     assert len(set(faces.sequences.tolist())) == 4  # the faces carry the pipeline's own tracks
 
 
@@ -136,14 +135,16 @@ def test_split_faces_go_through_every_measure_and_controls_compare_pairs(split_r
 
     bundled = load_face_pair("uunet", None)
     table = compare_controls(faces, {"bundled": bundled, "perm": load_face_pair("keyed-permutation", None)},
-                             judges)
+                             judges, ROI_SCALE)
     assert table["bundled"]["s"] == control_label(bundled) == "id -1, gender 0, age_group 0"
     assert table["perm"]["s"] == "n/a"
     for row in table.values():
         assert 0.0 <= row["gender_agreement"].value <= 1.0
         assert 0.0 <= row["gender_label_agreement"].value <= 1.0
+        assert 0.0 <= row["detection_rate_a"].value <= 1.0
+    assert table["perm"]["detection_rate_a"].value == 0.0  # a scrambled crop is no face
     # The same pair on the same faces and noise is the same a: its row reproduces itself.
-    again = compare_controls(faces, {"bundled": bundled}, judges)
+    again = compare_controls(faces, {"bundled": bundled}, judges, ROI_SCALE)
     assert again["bundled"]["gender_agreement"].value == table["bundled"]["gender_agreement"].value
 
 
@@ -151,7 +152,7 @@ def test_a_split_of_single_image_subjects_has_no_identity_environment(split_run,
     _, faces, _ = split_run
     one_each = np.sort(np.unique(faces.subjects, return_index=True)[1])  # first face of each subject
     picked = {k: getattr(faces, k)[one_each] for k in ("subjects", "frames", "x", "a", "r", "r_wrong", "a_seq0",
-                                                       "a_seq1", "noise", "gender_labels", "sequences")}
+                                                       "a_seq1", "gender_labels", "sequences")}
     single = dataclasses.replace(faces, **picked)
     judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
     results = evaluate_methods(single, {}, judges, ROI_SCALE)
