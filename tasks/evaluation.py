@@ -41,7 +41,7 @@ from catalogs.store import file_content_hash
 from tasks.deidentify import FacePair
 from tasks.detect import FaceDetector
 from tasks.held_out import CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip, to_uint8
-from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, psnr
+from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector, psnr
 from tasks.keys import Key, keyed_noise
 from tasks.metrics import (average_precision, bootstrap, bootstrap_two_samples, decidability, detection_matches,
                            ks_pvalue, pearson, roc_auc, roc_curve, ssim)
@@ -186,10 +186,13 @@ def truth_box(roi_scale: float, side: int = 64) -> tuple[float, float, float, fl
     return centre - half, centre - half, centre + half, centre + half
 
 
-def detect_faces(detector: FaceDetector, faces: np.ndarray, roi_scale: float) -> Detections:
+def detect_faces(detector: FaceDetector | YuNetDetector, faces: np.ndarray, roi_scale: float) -> Detections:
     truth = truth_box(roi_scale, faces.shape[1])
     per_face, confidence = [], []
-    for boxes in detector.detect(in_context(faces)):
+    framed = in_context(faces)
+    # MTCNN detects a batch of frames at once; YuNet one image at a time.
+    found = detector.detect(framed) if isinstance(detector, FaceDetector) else [detector.detect(f) for f in framed]
+    for boxes in found:
         scores, is_tp = detection_matches(boxes, truth)
         per_face.append((scores, is_tp))
         confidence.append(float(scores[is_tp].max()) if is_tp.any() else 0.0)
@@ -349,6 +352,9 @@ def evaluate_methods(faces: FaceSet, methods: Mapping[str, Method], judges: Judg
     reference.metrics["subjects"] = Estimate(float(len(np.unique(subjects))))
     reference.metrics["mtcnn_detection_rate_x"] = rate(on_x.hit, seed)
     reference.metrics["mtcnn_conf_x"] = Estimate(float(on_x.confidence.mean()))
+    # YuNet, the second opinion: trained elsewhere, so "still a face" does not hang on MTCNN.
+    yunet_x = detect_faces(judges.sface.detector, faces.x, roi_scale)
+    reference.metrics["yunet_detection_rate_x"] = rate(yunet_x.hit, seed)
     if faces.gender_labels is not None and (agree := label_agreement(
             judges.gender, faces.x, faces.gender_labels, seed)) is not None:
         reference.metrics["gender_label_agreement"] = agree  # the judge's own accuracy: the ceiling for a
@@ -358,6 +364,7 @@ def evaluate_methods(faces: FaceSet, methods: Mapping[str, Method], judges: Judg
         a = method(faces.x)
         result = MethodResult()
         result.metrics.update(detection_metrics(on_x, detect_faces(judges.detector, a, roi_scale), seed))
+        result.metrics["yunet_detection_rate_a"] = rate(detect_faces(judges.sface.detector, a, roi_scale).hit, seed)
         emb_a = embed_all(judges.sface, a)
         _add_environment(result, "x↔a′", "x_a", environment_or_none(emb_x, emb_a, subjects), seed)
         # Same frame, x against its own a: the model card's privacy number.

@@ -70,7 +70,7 @@ def test_every_method_goes_through_the_same_finite_measures(evaluated, method):
     _, results = evaluated
     metrics = results[method].metrics
     for name in ("x_a_d_prime", "x_a_auc", "detection_rate_ratio", "ap_ratio", "gender_agreement",
-                 "same_person_x_a", "mtcnn_conf_a"):
+                 "same_person_x_a", "mtcnn_conf_a", "yunet_detection_rate_a"):
         assert math.isfinite(metrics[name].value), name
     assert 0.0 <= metrics["x_a_auc"].value <= 1.0
     assert metrics["x_a_d_prime"].sd is not None and metrics["x_a_d_prime"].sd >= 0.0
@@ -83,6 +83,7 @@ def test_real_faces_separate_and_ours_has_the_extra_measures(evaluated):
     # Two different people on real crops: SFace must tell them apart almost perfectly.
     assert reference["x_x_auc"].value > 0.9 and reference["x_x_d_prime"].value > 2
     assert reference["mtcnn_detection_rate_x"].value > 0.8
+    assert reference["yunet_detection_rate_x"].value > 0.8  # the second detector agrees on real faces
     ours = results[OURS].metrics
     for name in ("temporal_d_prime", "temporal_auc", "temporal_ks_p", "diversity_cos_mean", "psnr_x_r", "ssim_x_r"):
         assert math.isfinite(ours[name].value), name
