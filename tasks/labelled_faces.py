@@ -92,10 +92,12 @@ def select_split(faces: pd.DataFrame, split: str, max_sequences: int, frames_per
 
 
 def gallery_id(rows: pd.DataFrame) -> str:
-    """A 64-hex video id from the faces in the gallery, in order."""
+    """A 64-hex video id from the faces in the gallery, in order. File names, not paths: the
+    same catalog built in another folder (a fresh clone) must give the same id."""
     digest = hashlib.sha256()
     columns = [c for c in ("dataset", "sequence_id", "frame_index", "image_path", "array_index") if c in rows]
-    for row in rows[columns].itertuples(index=False):
+    for row in rows[columns].assign(**({"image_path": rows["image_path"].map(lambda p: Path(str(p)).name)}
+                                       if "image_path" in rows else {})).itertuples(index=False):
         digest.update(repr(tuple(row)).encode())
     return digest.hexdigest()
 

@@ -85,6 +85,7 @@ def test_gallery_id_names_the_faces_not_the_bytes():
                          "image_path": ["f.npy", "f.npy"], "array_index": [0, 1]})
     assert gallery_id(rows) == gallery_id(rows.copy()) and len(gallery_id(rows)) == 64
     assert gallery_id(rows) != gallery_id(rows.iloc[::-1]) != gallery_id(rows.assign(array_index=[0, 2]))
+    assert gallery_id(rows) == gallery_id(rows.assign(image_path=["/elsewhere/f.npy"] * 2))  # a moved catalog
 
 
 def test_gallery_clip_holds_each_face_then_a_gap_the_tracker_cannot_bridge(tmp_path):
