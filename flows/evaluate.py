@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 
 from catalogs import CatalogStore, new_run_id
 from catalogs.store import file_content_hash
-from flows.train_matcher import DEFAULT_CORPUS, prepare_corpus
+from flows.train_matcher import DEFAULT_CORPUS, DEFAULT_N_GAN, prepare_corpus
 from tasks.baselines import BASELINES
 from tasks.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
 from tasks.deidentify import FacePair, FaceSwapper, load_face_pair
@@ -60,7 +60,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CLIPS = REPO / "samples"
 CODEC_CLIP = REPO / "samples" / "WolfgangLanger_Pexels.mp4"
 METHODS = [OURS, *BASELINES]
-DEFAULT_N_GAN = 3500  # the bundled weights' corpus (Makefile `train`): its test split is what they never saw
 
 # (metric of a method, the same measure on x for the reference column, label) in the paper's
 # order; ↑/↓ say which way is better for a.

@@ -26,11 +26,14 @@ from tasks.training import TRAIN, VAL, FaceData, MatcherConfig, train_matcher
 from tasks.workers import utc_now
 
 DEFAULT_CORPUS = "out/corpus"
+# DCGAN identities in a newly built corpus: the bundled weights' recipe, so that a corpus
+# built by any flow (training or evaluation) is the one they were trained and measured on.
+DEFAULT_N_GAN = 3500
 DEFAULT_MATCHER = "models/weights/matcher.pt"
 
 
 @task(task_run_name="prepare corpus {corpus_dir}")
-def prepare_corpus(corpus_dir: str, n_gan: int = 5000, seed: int = 0) -> Path:
+def prepare_corpus(corpus_dir: str, n_gan: int = DEFAULT_N_GAN, seed: int = 0) -> Path:
     """The training tensor file of the corpus, built (faces catalog + export) if missing."""
     corpus = Path(corpus_dir)
     tensors = corpus / "faces.pt"
@@ -57,7 +60,7 @@ def record_run(catalog: CatalogStore, run_id: str, flow_name: str, params: dict[
 
 @flow(name="train-matcher")
 def train_matcher_flow(corpus_dir: str = DEFAULT_CORPUS, out: str = DEFAULT_MATCHER, steps: int = 2000,
-                       batch: int = 64, device: str = "auto", n_gan: int = 5000, seed: int = 0,
+                       batch: int = 64, device: str = "auto", n_gan: int = DEFAULT_N_GAN, seed: int = 0,
                        resume: bool = True, metrics_every: int = 10) -> dict[str, Any]:
     params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--n-gan", type=int, default=5000, help="DCGAN identities in a newly built corpus")
+    p.add_argument("--n-gan", type=int, default=DEFAULT_N_GAN, help="DCGAN identities in a newly built corpus")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--metrics-every", type=int, default=10, help="write per-step losses every N steps")

@@ -21,7 +21,8 @@ from prefect import flow, get_run_logger
 
 from catalogs import CatalogStore, new_run_id
 from flows.recording import CatalogMetrics, SampleGrids
-from flows.train_matcher import DEFAULT_CORPUS, DEFAULT_MATCHER, prepare_corpus, record_run, resolve_device
+from flows.train_matcher import (DEFAULT_CORPUS, DEFAULT_MATCHER, DEFAULT_N_GAN, prepare_corpus, record_run,
+                                 resolve_device)
 from tasks.training import TRAIN, FaceData, UUNetConfig, load_matcher, train_uunet
 from tasks.workers import utc_now
 
@@ -31,7 +32,7 @@ DEFAULT_WEIGHTS = "models/weights/uunet.pt"
 @flow(name="train-uunet")
 def train_uunet_flow(corpus_dir: str = DEFAULT_CORPUS, matcher: str = DEFAULT_MATCHER,
                      out: str = DEFAULT_WEIGHTS, steps: int = 2000, control: str = UUNetConfig.control,
-                     device: str = "auto", samples_every: int = 250, n_gan: int = 5000, seed: int = 0,
+                     device: str = "auto", samples_every: int = 250, n_gan: int = DEFAULT_N_GAN, seed: int = 0,
                      resume: bool = True, metrics_every: int = 10, keyed: bool = True, init: str | None = None,
                      batch_subjects: int = UUNetConfig.subjects, half: bool = False) -> dict[str, Any]:
     params = dict(locals())  # the flow parameters, before any local is bound
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", default=UUNetConfig.control, help="s, e.g. -1,0,0 (id, gender, age_group)")
     p.add_argument("--device", default="auto")
     p.add_argument("--samples-every", type=int, default=250)
-    p.add_argument("--n-gan", type=int, default=5000)
+    p.add_argument("--n-gan", type=int, default=DEFAULT_N_GAN)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--paper-mode", dest="keyed", action="store_false",
