@@ -218,11 +218,9 @@ def detection_metrics(on_x: Detections, on_a: Detections, seed: int = 0) -> dict
         "mtcnn_conf_x": Estimate(float(on_x.confidence.mean())),
         "mtcnn_conf_a": Estimate(float(on_a.confidence.mean())),
         "mtcnn_conf_pearson": Estimate(pearson(on_x.confidence, on_a.confidence)),
-        "detection_rate_a": Estimate(*bootstrap(hit_a.astype(float), n_resamples=N_RESAMPLES, replace=WITH_REPETITION, seed=seed)),
-        "detection_rate_ratio": Estimate(*bootstrap(
-            faces, lambda s: _ratio(hit_a[s].mean(), hit_x[s].mean()), n_resamples=N_RESAMPLES, replace=WITH_REPETITION, seed=seed)),
-        "ap_ratio": Estimate(*bootstrap(
-            faces, lambda s: _ratio(_ap(on_a, s), _ap(on_x, s)), n_resamples=N_RESAMPLES, replace=WITH_REPETITION, seed=seed)),
+        "detection_rate_a": rate(hit_a, seed),
+        "detection_rate_ratio": boot(faces, lambda s: _ratio(hit_a[s].mean(), hit_x[s].mean()), seed),
+        "ap_ratio": boot(faces, lambda s: _ratio(_ap(on_a, s), _ap(on_x, s)), seed),
     }
 
 
@@ -284,8 +282,13 @@ def false_accept_rate(same: np.ndarray, subjects: np.ndarray, seed: int) -> Esti
     return rate(same[upper], seed) if upper.any() else None
 
 
+def boot(items: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int = 0) -> Estimate:
+    """The evaluation's bootstrap: N_RESAMPLES 90% subsets of `items`, with repetition."""
+    return Estimate(*bootstrap(items, statistic, n_resamples=N_RESAMPLES, seed=seed, replace=WITH_REPETITION))
+
+
 def rate(values: np.ndarray, seed: int = 0) -> Estimate:
-    return Estimate(*bootstrap(np.asarray(values, dtype=float), n_resamples=N_RESAMPLES, replace=WITH_REPETITION, seed=seed))
+    return boot(np.asarray(values, dtype=float), np.mean, seed)
 
 
 def gender_agreement(gender: GenderJudge, x: np.ndarray, a: np.ndarray, seed: int = 0) -> Estimate:

@@ -150,7 +150,8 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert {"x_a_d_prime", "dlib_x_a_d_prime", "reversibility_residual_max", "psnr_roi_oracle",
             "pipeline_face_found_rate"} <= set(metrics["metric"])
     bootstrapped = metrics[metrics["metric"] == "x_a_d_prime"]
-    assert (bootstrapped["low"] <= bootstrapped["value"]).all() and (bootstrapped["value"] <= bootstrapped["high"]).all()
+    assert (bootstrapped["low"] <= bootstrapped["value"]).all()
+    assert (bootstrapped["value"] <= bootstrapped["high"]).all()
     # The README block is the headline, between the markers; the rest of the README is untouched.
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
