@@ -466,7 +466,7 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
                 f"{gallery.faces_found} ({gallery.faces_found / max(gallery.faces_selected, 1):.1%}); the "
                 f"measures are over those. Release check: "
                 f"{'needs review at frames ' + str(gallery.review_frames) if gallery.needs_review else 'passed'}. "
-                f"Gender labels from the catalog ({', '.join(sorted(set(map(str, _label_sources(corpus, split)))))}).",
+                f"Gender labels from the catalog ({', '.join(gallery.label_sources) or 'none'}).",
                 faces, results, gallery=gallery)
         if not datasets:
             raise ValueError("nothing to evaluate: no clips and no faces catalog")
@@ -505,12 +505,6 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
     logger.info("report: %s (%.0f s)", report, seconds)
     return {"run_id": run_id, "report": str(report), "summary": str(out_dir / "summary.json"),
             "headline": str(out_dir / "headline.md"), "seconds": round(seconds, 1)}
-
-
-def _label_sources(corpus: str, split: str) -> list[str]:
-    faces = CatalogStore(Path(corpus) / "catalogs").read("faces")
-    sources = faces.loc[faces["split"] == split, "label_source"].dropna().unique().tolist()
-    return sources or ["none"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,7 @@ class GalleryRun:
     psnr_roi: float | None = None
     seconds_anonymize: float = 0.0
     seconds_reconstruct: float = 0.0
+    label_sources: list[str] = field(default_factory=list)  # where the catalog's labels came from
 
     @property
     def faces_missed(self) -> int:
@@ -184,7 +185,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
         if best is not None and best[1] >= MIN_ROI_IOU:
             picked.append((row, best[0]))
 
-    x, a, r, r_wrong, noise, residual = [], [], [], [], [], 0.0
+    x, a, r, r_wrong, residual = [], [], [], [], 0.0
     wrong_noise = {}
     for start in range(0, len(picked), _READ_CHUNK):
         chunk = picked[start:start + _READ_CHUNK]
@@ -195,7 +196,6 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
             x.append(_crop(src[i], roi))
             a.append(_crop(pub[i], roi))
             r.append(_crop(rest1[i], roi))
-            noise.append(keyed_noise(key, video_id, roi.seq_id))
             if roi.seq_id not in wrong_noise:
                 wrong_noise[roi.seq_id] = keyed_noise(wrong_key, video_id, roi.seq_id)
             # The private module's own restore code, only with the wrong key's noise.
@@ -207,9 +207,8 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
     kept = [row for row, _ in picked]
     names = sorted(set(subject_ids[kept]))
     index = {name: i for i, name in enumerate(names)}
-    x_arr = np.stack(x) if x else np.zeros((0, 64, 64, 3), np.uint8)
-    noise_arr = np.stack(noise).astype(np.float32) if noise else np.zeros((0, 64, 64), np.float32)
-    a_seq0, a_seq1 = _virtual_sequences(swapper, x_arr, [roi for _, roi in picked], key, video_id, noise_arr)
+    x_arr = _stack(x)
+    a_seq0, a_seq1 = _virtual_sequences(swapper, x_arr, [roi for _, roi in picked], key, video_id)
     genders = rows["gender"].to_numpy(dtype=float, na_value=np.nan) if "gender" in rows else None
     faces = FaceSet(
         subjects=np.array([index[subject_ids[row]] for row in kept], dtype=np.int64),
@@ -225,7 +224,8 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
         sequences_tracked=record.sequences, needs_review=record.needs_review,
         review_frames=list(record.review_frames), frames_with_payload=restores[0].frames_with_payload,
         psnr_roi=restores[0].psnr_roi, seconds_anonymize=record.seconds.get("total", 0.0),
-        seconds_reconstruct=sum(rec.seconds.get("total", 0.0) for rec in restores))
+        seconds_reconstruct=sum(rec.seconds.get("total", 0.0) for rec in restores),
+        label_sources=sorted(rows["label_source"].dropna().astype(str).unique()) if "label_source" in rows else [])
     return faces, run
 
 
@@ -234,13 +234,16 @@ def _stack(faces: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _virtual_sequences(swapper: FaceSwapper, x: np.ndarray, rois: list[Roi], key: Key, video_id: str,
-                       noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _virtual_sequences(swapper: FaceSwapper, x: np.ndarray, rois: list[Roi], key: Key,
+                       video_id: str) -> tuple[np.ndarray, np.ndarray]:
     """U_e on the same x with the face's own sequence noise and with another sequence's."""
     if not len(x):
         return x.copy(), x.copy()
     pair = swapper.pair
     x_in = from_uint8(x, pair.device)
-    own = torch.from_numpy(noise).unsqueeze(1).to(pair.device)
-    other = torch.from_numpy(np.stack([keyed_noise(key, video_id, r.seq_id + VIRTUAL_SEQ_OFFSET) for r in rois]))
-    return to_uint8(pair.encoder(x_in, own)), to_uint8(pair.encoder(x_in, other.unsqueeze(1).to(pair.device)))
+
+    def noise(offset: int) -> torch.Tensor:
+        maps = np.stack([keyed_noise(key, video_id, r.seq_id + offset) for r in rois])
+        return torch.from_numpy(maps).unsqueeze(1).to(pair.device)
+
+    return to_uint8(pair.encoder(x_in, noise(0))), to_uint8(pair.encoder(x_in, noise(VIRTUAL_SEQ_OFFSET)))
