@@ -48,8 +48,9 @@ from tasks.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
 from tasks.deidentify import FacePair, FaceSwapper, load_face_pair
 from tasks.detect import FaceDetector
 from tasks.encode import ffmpeg_exe
-from tasks.evaluation import (CONTROL_METRICS, N_RESAMPLES, OURS, Estimate, FaceSet, Judges, MethodResult,
-                              collect_faces, compare_controls, evaluate_methods, roc_points)
+from tasks.evaluation import (CONTROL_METRICS, N_RESAMPLES, OURS, Estimate, FaceSet, JudgedOriginals, Judges,
+                              MethodResult, collect_faces, compare_controls, evaluate_methods, judge_originals,
+                              roc_points)
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 from tasks.keys import Key
 from tasks.labelled_faces import GalleryRun, run_split, select_split
@@ -119,6 +120,7 @@ class DatasetResult:
     description: str
     faces: FaceSet
     results: dict[str, MethodResult]
+    originals: JudgedOriginals
     controls: dict[str, dict[str, Any]] = field(default_factory=dict)
     gallery: GalleryRun | None = None
 
@@ -131,17 +133,18 @@ def _keys(seed: int) -> tuple[Key, Key]:
 # NO_CACHE, no persisted result: the outputs are arrays of faces, only ever used by this run.
 @task(task_run_name="held-out faces of {clips_dir}", cache_policy=NO_CACHE, persist_result=False)
 def score_footage(clips: list[str], clips_dir: str, pair: FacePair, settings: PipelineSettings, judges: Judges,
-                  stride: int, seed: int) -> tuple[FaceSet, dict[str, MethodResult]]:
+                  stride: int, seed: int) -> tuple[FaceSet, dict[str, MethodResult], JudgedOriginals]:
     key, wrong_key = _keys(seed)
     faces = collect_faces([Path(c) for c in clips], stride, judges.detector, pair, key, wrong_key,
                           settings.roi_scale)
-    return faces, evaluate_methods(faces, BASELINES, judges, settings.roi_scale, seed)
+    originals = judge_originals(faces, judges, settings.roi_scale)
+    return faces, evaluate_methods(faces, BASELINES, judges, settings.roi_scale, seed, originals), originals
 
 
 @task(task_run_name="faces catalog {corpus} split {split}", cache_policy=NO_CACHE, persist_result=False)
 def score_split(corpus: str, split: str, pair: FacePair, settings: PipelineSettings, judges: Judges,
                 max_sequences: int, frames_per_sequence: int, seed: int,
-                ) -> tuple[FaceSet, dict[str, MethodResult], GalleryRun]:
+                ) -> tuple[FaceSet, dict[str, MethodResult], JudgedOriginals, GalleryRun]:
     catalog = Path(corpus) / "catalogs"
     if not (catalog / "faces").is_dir():
         # The training flows' own corpus (same recipe, same seed): its test split is
@@ -155,13 +158,14 @@ def score_split(corpus: str, split: str, pair: FacePair, settings: PipelineSetti
                                    swapper=FaceSwapper(pair), settings=settings, judge=judges.sface)
     if not len(faces.x):
         raise ValueError(f"the pipeline found none of the {len(rows)} faces of split {split!r} in {corpus}")
-    return faces, evaluate_methods(faces, BASELINES, judges, settings.roi_scale, seed), gallery
+    originals = judge_originals(faces, judges, settings.roi_scale)
+    return faces, evaluate_methods(faces, BASELINES, judges, settings.roi_scale, seed, originals), originals, gallery
 
 
 @task(task_run_name="control vectors on {title}", cache_policy=NO_CACHE, persist_result=False)
-def score_controls(title: str, faces: FaceSet, pairs: dict[str, FacePair], judges: Judges, roi_scale: float,
+def score_controls(title: str, data: DatasetResult, pairs: dict[str, FacePair], judges: Judges, roi_scale: float,
                    seed: int) -> dict[str, dict[str, Any]]:
-    return compare_controls(faces, pairs, judges, roi_scale, seed)
+    return compare_controls(data.faces, pairs, judges, roi_scale, seed, data.originals)
 
 
 def cut_clip(source: Path, dest: Path, frames: int) -> Path:
@@ -447,15 +451,15 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
         judges = Judges(FaceDetector(min_face_size=settings.min_face_size, batch_size=settings.batch_size),
                         SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
         if clip_paths:
-            faces, results = score_footage(clip_paths, clips_dir, pair, settings, judges, stride, seed)
+            faces, results, originals = score_footage(clip_paths, clips_dir, pair, settings, judges, stride, seed)
             logger.info("%d held-out faces of %d clips scored", len(faces.x), len(faces.subject_names))
             datasets["footage"] = DatasetResult(
                 f"Held-out footage ({Path(clips_dir).name})",
                 f"1 frame in {stride} of the last 25% of each clip (the part the training corpus leaves out), "
                 f"best MTCNN face per frame, the pipeline's 64×64 head crop: {len(faces.x)} faces of "
-                f"{len(faces.subject_names)} people, one per clip ({_per_subject(faces)}).", faces, results)
+                f"{len(faces.subject_names)} people, one per clip ({_per_subject(faces)}).", faces, results, originals)
         if corpus:
-            faces, results, gallery = score_split(corpus, split, pair, settings, judges, max_sequences,
+            faces, results, originals, gallery = score_split(corpus, split, pair, settings, judges, max_sequences,
                                                   frames_per_sequence, seed)
             logger.info("%d of %d catalog faces found and scored", gallery.faces_found, gallery.faces_selected)
             datasets["faces"] = DatasetResult(
@@ -467,11 +471,11 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
                 f"measures are over those. Release check: "
                 f"{'needs review at frames ' + str(gallery.review_frames) if gallery.needs_review else 'passed'}. "
                 f"Gender labels from the catalog ({', '.join(gallery.label_sources) or 'none'}).",
-                faces, results, gallery=gallery)
+                faces, results, originals, gallery=gallery)
         if not datasets:
             raise ValueError("nothing to evaluate: no clips and no faces catalog")
         for data in datasets.values():
-            data.controls = score_controls(data.title, data.faces, pairs, judges, settings.roi_scale, seed)
+            data.controls = score_controls(data.title, data, pairs, judges, settings.roi_scale, seed)
         codec = codec_robustness(codec_clip, codec_frames, pair, settings, judges, codec_settings, seed) \
             if codec_frames > 0 else []
     plots = _plots(out_dir, datasets, codec)

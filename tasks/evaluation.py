@@ -75,7 +75,6 @@ class FaceSet:
     residual_max: float         # max |r1 - r2| over two runs of U_e then U_d on the same input
     gender_labels: np.ndarray | None = None  # (n,) P(male) from the catalog, NaN where unknown
     sequences: np.ndarray | None = None      # (n,) the pipeline's sequence (track) of each face
-    dataset: str = "footage"
 
 
 @dataclass
@@ -102,13 +101,13 @@ class Environment:
     impostor: np.ndarray
 
     def summary(self, prefix: str, seed: int = 0) -> dict[str, Estimate]:
-        def boot(statistic: Callable[[np.ndarray, np.ndarray], float]) -> Estimate:
+        def two_sample(statistic: Callable[[np.ndarray, np.ndarray], float]) -> Estimate:
             return Estimate(*bootstrap_two_samples(self.genuine, self.impostor, statistic, n_resamples=N_RESAMPLES,
                                                    seed=seed, replace=WITH_REPETITION))
 
         return {
-            f"{prefix}_d_prime": boot(decidability),
-            f"{prefix}_auc": boot(roc_auc),
+            f"{prefix}_d_prime": two_sample(decidability),
+            f"{prefix}_auc": two_sample(roc_auc),
             f"{prefix}_genuine_mean": Estimate(float(self.genuine.mean())),
             f"{prefix}_impostor_mean": Estimate(float(self.impostor.mean())),
         }
@@ -331,13 +330,27 @@ def label_agreement(gender: GenderJudge, faces: np.ndarray, labels: np.ndarray, 
     return rate(calls == (labels[known] >= GENDER_CUT), seed)
 
 
+@dataclass
+class JudgedOriginals:
+    """What the judges make of x, computed once: every method and every pair of weights is
+    compared against it."""
+
+    detections: Detections   # MTCNN on x
+    sface: np.ndarray        # (n, 128) SFace embeddings of x
+    dlib: np.ndarray | None  # (n, 128) dlib descriptors of x, when the judges include dlib
+
+
+def judge_originals(faces: FaceSet, judges: Judges, roi_scale: float) -> JudgedOriginals:
+    return JudgedOriginals(detect_faces(judges.detector, faces.x, roi_scale), embed_all(judges.sface, faces.x),
+                           dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None)
+
+
 def evaluate_methods(faces: FaceSet, methods: Mapping[str, Method], judges: Judges, roi_scale: float,
-                     seed: int = 0) -> dict[str, MethodResult]:
+                     seed: int = 0, originals: JudgedOriginals | None = None) -> dict[str, MethodResult]:
     """Every measure for every method; `methods` maps a name to x → a (ours is `faces.a` already)."""
     subjects = faces.subjects
-    on_x = detect_faces(judges.detector, faces.x, roi_scale)
-    emb_x = embed_all(judges.sface, faces.x)
-    dlib_x = dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None
+    originals = originals or judge_originals(faces, judges, roi_scale)
+    on_x, emb_x, dlib_x = originals.detections, originals.sface, originals.dlib
     reference = MethodResult()
     _add_environment(reference, "x↔x′", "x_x", environment_or_none(emb_x, emb_x, subjects), seed)
     if dlib_x is not None:
@@ -454,7 +467,7 @@ def control_label(pair: FacePair) -> str:
 
 @torch.inference_mode()
 def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judges, roi_scale: float,
-                     seed: int = 0) -> dict[str, dict[str, Estimate | str]]:
+                     seed: int = 0, originals: JudgedOriginals | None = None) -> dict[str, dict[str, Estimate | str]]:
     """Soft-label consistency per control vector s: each pair de-identifies the very same x
     with the very same noise, so only its training (its s) differs between rows.
 
@@ -464,9 +477,8 @@ def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judg
     """
     x_in = from_uint8(faces.x, torch.device("cpu"))
     noise_all = torch.from_numpy(np.random.default_rng(seed).random((len(faces.x), 1, 64, 64), dtype=np.float32))
-    emb_x = embed_all(judges.sface, faces.x)
-    dlib_x = dlib_embed_all(judges.dlib, faces.x) if judges.dlib is not None else None
-    on_x = detect_faces(judges.detector, faces.x, roi_scale)
+    originals = originals or judge_originals(faces, judges, roi_scale)
+    on_x, emb_x, dlib_x = originals.detections, originals.sface, originals.dlib
     table: dict[str, dict[str, Estimate | str]] = {}
     for name, pair in pairs.items():
         a = to_uint8(pair.encoder(x_in.to(pair.device), noise_all.to(pair.device)))

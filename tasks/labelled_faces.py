@@ -217,8 +217,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
         x=x_arr, a=_stack(a), r=_stack(r), r_wrong=_stack(r_wrong), a_seq0=a_seq0, a_seq1=a_seq1,
         residual_max=residual,
         gender_labels=None if genders is None else genders[kept],
-        sequences=np.array([roi.seq_id for _, roi in picked], dtype=np.int64),
-        dataset="faces")
+        sequences=np.array([roi.seq_id for _, roi in picked], dtype=np.int64))
     run = GalleryRun(
         faces_selected=len(rows), faces_found=len(picked), frames=record.frame_count,
         sequences_tracked=record.sequences, needs_review=record.needs_review,
