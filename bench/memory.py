@@ -16,15 +16,16 @@ import tempfile
 from pathlib import Path
 
 from bench.throughput import DEFAULT_CLIP
-from tasks.encode import ffmpeg_exe
+from tasks.datapath.encode import ffmpeg_exe
 
 CHILD = """
 import json, resource, secrets, sys, time, torch
 torch.set_num_threads(1)
-from tasks.deidentify import FaceSwapper, load_face_pair
-from tasks.detect import FaceDetector
-from tasks.keys import Key
-from tasks.workers import PipelineSettings, anonymize_video
+from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.keys import Key
+from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.video_loop import PipelineSettings
 settings = PipelineSettings()
 record = anonymize_video(sys.argv[1], sys.argv[2], key=Key(secrets.token_bytes(32)), video_id="0" * 64,
                          detector=FaceDetector(batch_size=settings.batch_size),

@@ -50,13 +50,14 @@ import cv2
 import numpy as np
 import torch
 
-from tasks.deidentify import load_face_pair
-from tasks.detect import FaceDetector
-from tasks.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, HELD_OUT_FRACTION, SAMPLES, SEQ_ID, ClipFaces,
-                            in_context, run_clip)
-from tasks.judges import DLIB_DISTANCE_THRESHOLD, DlibJudge, GenderJudge, SFaceJudge, YuNetDetector, psnr
-from tasks.keys import Key
-from tasks.workers import PipelineSettings
+from tasks.datapath.deidentify import load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.keys import Key
+from tasks.datapath.video_loop import PipelineSettings
+from tasks.evaluation.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, HELD_OUT_FRACTION, SAMPLES, SEQ_ID, ClipFaces,
+                                       in_context, run_clip)
+from tasks.evaluation.metrics import psnr
+from tasks.judges import DLIB_DISTANCE_THRESHOLD, DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 
 MIN_FACE_FRACTION = 0.25  # a detection smaller than this share of the face square is not the face
 

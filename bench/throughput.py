@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from tasks.decode import iter_frames, probe
-from tasks.deidentify import FaceSwapper, load_face_pair
-from tasks.detect import FaceDetector
-from tasks.encode import LosslessVideoWriter
-from tasks.keys import Key
-from tasks.workers import PipelineSettings, anonymize_video, reconstruct_video
+from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.decode import iter_frames, probe
+from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.encode import LosslessVideoWriter
+from tasks.datapath.keys import Key
+from tasks.datapath.reconstruct import reconstruct_video
+from tasks.datapath.video_loop import PipelineSettings
 
 DEFAULT_CLIP = Path(__file__).resolve().parent.parent / "samples" / "WolfgangLanger_Pexels.mp4"
 

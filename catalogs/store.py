@@ -36,6 +36,11 @@ _PANDAS_TYPES = {
 }
 
 
+def utc_now() -> datetime:
+    """The time every catalog timestamp is given in: timezone-aware UTC (naive times are refused)."""
+    return datetime.now(timezone.utc)
+
+
 def new_run_id() -> str:
     """A UTC timestamp plus a random suffix: sorts by start time, safe as a file name."""
     now = datetime.now(timezone.utc)

@@ -23,11 +23,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id
-from flows.runtime import (ActorPool, add_pipeline_arguments, format_table, public_name, scan_videos,
-                           start_ray)
-from tasks.keys import Key, load_or_create_key, resolve_key_path
-from tasks.workers import PipelineSettings, utc_now
+from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id, utc_now
+from flows.runtime import ActorPool, add_pipeline_arguments, format_table, public_name, scan_videos, start_ray
+from tasks.datapath.keys import Key, load_or_create_key, resolve_key_path
+from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "faces"),
                    ("sequences", "sequences"), ("fps_processed", "fps"), ("status", "status"),

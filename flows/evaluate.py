@@ -4,10 +4,10 @@
                              [--corpus out/corpus] [--split test] [--variants FILE ...]
                              [--codec-frames 48] [--readme README.md] [--seed 0]
 
-Two datasets, each through every method and every measure (tasks/evaluation.py):
+Two datasets, each through every method and every measure (tasks/evaluation/evaluate.py):
 (b) the held-out faces of every clip in --clips-dir (last quarter, 1 frame in --stride);
 (a) a labelled faces catalog split (--corpus's catalogs/faces, --split), run as a gallery
-clip through the real anonymize and reconstruct modules (tasks/labelled_faces.py); when
+clip through the real anonymize and reconstruct modules (tasks/evaluation/labelled_faces.py); when
 --corpus holds no catalog, the training recipe's default corpus is built there first.
 --variants adds weights files trained with other control vectors s: each de-identifies
 the same faces, and the report compares gender agreement and identity per s. The codec
@@ -40,22 +40,23 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from catalogs import CatalogStore, new_run_id
+from catalogs import CatalogStore, new_run_id, utc_now
 from catalogs.store import file_content_hash
 from flows.train_matcher import DEFAULT_CORPUS, DEFAULT_N_GAN, prepare_corpus
-from tasks.baselines import BASELINES
-from tasks.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
-from tasks.deidentify import FacePair, FaceSwapper, load_face_pair
-from tasks.detect import FaceDetector
-from tasks.encode import ffmpeg_exe
-from tasks.evaluation import (CONTROL_METRICS, N_RESAMPLES, OURS, Estimate, FaceSet, JudgedOriginals, Judges,
-                              MethodResult, collect_faces, compare_controls, evaluate_methods, judge_originals,
-                              roc_points)
+from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.deidentify import FacePair, FaceSwapper, load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.encode import ffmpeg_exe
+from tasks.datapath.keys import Key
+from tasks.datapath.video_loop import PipelineSettings
+from tasks.evaluation.baselines import BASELINES
+from tasks.evaluation.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
+from tasks.evaluation.evaluate import (CONTROL_METRICS, N_RESAMPLES, OURS, Estimate, FaceSet, JudgedOriginals, Judges,
+                                       MethodResult, collect_faces, compare_controls, evaluate_methods, judge_originals,
+                                       roc_points)
+from tasks.evaluation.labelled_faces import GalleryRun, run_split, select_split
+from tasks.evaluation.metrics import decidability
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
-from tasks.keys import Key
-from tasks.labelled_faces import GalleryRun, run_split, select_split
-from tasks.metrics import decidability
-from tasks.workers import PipelineSettings, anonymize_video, utc_now
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CLIPS = REPO / "samples"

@@ -25,10 +25,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from catalogs import CatalogStore, new_run_id
+from catalogs import CatalogStore, new_run_id, utc_now
 from flows.runtime import ActorPool, add_pipeline_arguments, format_table, scan_videos, start_ray
-from tasks.keys import Key, load_key, resolve_key_path
-from tasks.workers import PipelineSettings, utc_now
+from tasks.datapath.keys import Key, load_key, resolve_key_path
+from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frames", "frames"), ("faces", "faces"), ("sequences", "sequences"),
                    ("anonymize_fps", "anon fps"), ("restore_fps", "restore fps"),

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catalogs import CatalogStore
-from tasks.workers import utc_now
+from catalogs import CatalogStore, utc_now
 
 
 class CatalogMetrics:

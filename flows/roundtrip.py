@@ -18,7 +18,7 @@ from prefect import flow
 from flows.anonymize import anonymize_archive
 from flows.reconstruct import SUMMARY_COLUMNS, reconstruct_streams
 from flows.runtime import format_table
-from tasks.workers import PipelineSettings
+from tasks.datapath.video_loop import PipelineSettings
 
 
 @flow(name="anonymize-then-reconstruct")

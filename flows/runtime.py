@@ -12,7 +12,8 @@ from typing import Any
 
 import ray
 
-from tasks.workers import FaceWorker, PipelineSettings
+from tasks.datapath.ray_actor import FaceWorker
+from tasks.datapath.video_loop import PipelineSettings
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
                   ".wmv", ".flv", ".3gp", ".y4m"}

@@ -3,7 +3,7 @@
     python -m flows.train_matcher [--corpus out/corpus] [--steps 2000] [--out models/weights/matcher.pt]
 
 Builds the offline default corpus first when the corpus folder holds none (see
-tasks/face_corpus.py and models/weights/MODEL_CARD.md for what it is). Per-step losses
+tasks/training/corpus.py and models/weights/MODEL_CARD.md for what it is). Per-step losses
 and validation AUC per label on held-out subjects go to the `metrics` catalog; the best
 checkpoint by ID AUC is kept. Re-running resumes from the checkpoint.
 """
@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger, task
 
-from catalogs import CatalogStore, new_run_id
+from catalogs import CatalogStore, new_run_id, utc_now
 from flows.recording import CatalogMetrics
-from tasks.face_corpus import build_default_corpus, export_training_tensors
-from tasks.training import TRAIN, VAL, FaceData, MatcherConfig, train_matcher
-from tasks.workers import utc_now
+from tasks.training.corpus import build_default_corpus, export_training_tensors
+from tasks.training.loops import TRAIN, VAL, FaceData, MatcherConfig, train_matcher
 
 DEFAULT_CORPUS = "out/corpus"
 # DCGAN identities in a newly built corpus: the bundled weights' recipe, so that a corpus

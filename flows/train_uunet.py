@@ -19,12 +19,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from catalogs import CatalogStore, new_run_id
+from catalogs import CatalogStore, new_run_id, utc_now
 from flows.recording import CatalogMetrics, SampleGrids
 from flows.train_matcher import (DEFAULT_CORPUS, DEFAULT_MATCHER, DEFAULT_N_GAN, prepare_corpus, record_run,
                                  resolve_device)
-from tasks.training import TRAIN, FaceData, UUNetConfig, load_matcher, train_uunet
-from tasks.workers import utc_now
+from tasks.training.loops import TRAIN, FaceData, UUNetConfig, load_matcher, train_uunet
 
 DEFAULT_WEIGHTS = "models/weights/uunet.pt"
 

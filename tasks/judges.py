@@ -256,12 +256,3 @@ class GenderJudge:
         (probabilities,) = self._session.run(None, {self._input: blob})
         return probabilities[:, 1].astype(np.float32)  # columns: female, male
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two uint8 arrays of one shape; inf when equal."""
-    if a.dtype != np.uint8 or b.dtype != np.uint8:
-        raise ValueError(f"psnr takes uint8 arrays, got {a.dtype} and {b.dtype}")
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.decode import probe, read_frames
-from tasks.deidentify import crop_faces
-from tasks.detect import FaceDetector
-from tasks.judges import SFACE_COSINE_THRESHOLD, GenderJudge, SFaceJudge, YuNetDetector, psnr
-from tasks.track import Roi, head_roi
+from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.deidentify import crop_faces
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.track import Roi, head_roi
+from tasks.judges import SFACE_COSINE_THRESHOLD, GenderJudge, SFaceJudge, YuNetDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -137,22 +137,6 @@ def test_gender_judge_probabilities(wolfgang, single_face):
     assert judge.p_male(np.zeros((0, 64, 64, 3), dtype=np.uint8)).shape == (0,)
 
 
-def test_psnr():
-    a = np.zeros((8, 8, 3), dtype=np.uint8)
-    assert psnr(a, a.copy()) == float("inf")
-    b = a.copy()
-    b[...] = 1  # MSE 1 everywhere
-    assert psnr(a, b) == pytest.approx(20 * np.log10(255.0))
-    c = a.copy()
-    c[0, 0, 0] = 255  # one full-scale pixel out of 192: MSE 255² / 192
-    assert psnr(a, c) == pytest.approx(10 * np.log10(192.0))
-    assert psnr(c, a) == psnr(a, c)
-    with pytest.raises(ValueError):
-        psnr(a, np.zeros((8, 8), dtype=np.uint8))
-    with pytest.raises(ValueError):
-        psnr(a.astype(np.float32), a.astype(np.float32))
-
-
 def test_model_card_on_the_exact_stand_in(tmp_path):
     """The card's plumbing end to end on a few held-out carphone frames with the keyed permutation.
 
@@ -162,7 +146,7 @@ def test_model_card_on_the_exact_stand_in(tmp_path):
     import json
 
     from bench.model_card import main
-    from tasks.held_out import held_out_frames
+    from tasks.evaluation.held_out import held_out_frames
 
     assert held_out_frames(120, 10) == [90, 100, 110]
     assert held_out_frames(472, 1)[0] == 354 and held_out_frames(472, 1)[-1] == 471

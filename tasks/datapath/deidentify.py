@@ -1,0 +1,162 @@
+"""De-identify and restore: crop head ROIs → 64×64 → U_e / U_d with keyed noise → resize → paste.
+
+The same crop and paste code serves both directions, so the public and the private
+module cannot drift apart: any misalignment between the ROI cropped for x and the ROI
+cropped for a costs reconstruction fidelity (paper, Sec. III-C).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import MODEL_NAMES, build_pair, has_parameters
+from models.unet import FACE_SIZE
+from tasks.datapath.track import Roi
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights" / "uunet.pt"
+WEIGHTS_FORMAT = "uunet-pair/1"
+
+NoiseFor = Callable[[int], np.ndarray]  # sequence id → (64, 64) float32 keyed noise
+
+
+class WeightsError(Exception):
+    pass
+
+
+@dataclass
+class FacePair:
+    """A loaded (U_e, U_d) pair, in eval mode, on one device."""
+
+    name: str
+    encoder: nn.Module
+    decoder: nn.Module
+    device: torch.device
+    source: str  # weights file, or "built-in" for parameter-free stand-ins
+    meta: dict[str, Any] = field(default_factory=dict)  # the weights file's training record (step, s, ...)
+
+
+def save_face_pair(
+    path: str | Path, name: str, encoder: nn.Module, decoder: nn.Module,
+    config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None, half: bool = False,
+) -> Path:
+    """Write a weights file the pipeline can load: model name + config + both state dicts.
+
+    `half` stores floating tensors as float16 (half the size; loading casts them back to the
+    module's float32): for variants kept for comparison, not for the pipeline's default pair.
+    """
+
+    def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+        # CPU tensors, so a file trained on a GPU loads anywhere.
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "model": name,
+            "config": dict(config or {}),
+            "meta": dict(meta or {}),
+            "encoder": tensors(encoder),
+            "decoder": tensors(decoder),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    return path
+
+
+def load_face_pair(model: str, weights: str | Path | None, device: str | torch.device = "cpu") -> FacePair:
+    """Build the named pair; load its weights file when the model has parameters."""
+    if model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    device = torch.device(device)
+    blob: dict[str, Any] | None = None
+    if model != "keyed-permutation":
+        path = Path(weights) if weights else DEFAULT_WEIGHTS
+        if not path.is_file():
+            raise WeightsError(f"weights file for model {model!r} not found: {path}")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
+            raise WeightsError(f"{path} is not a {WEIGHTS_FORMAT} weights file")
+        if blob["model"] != model:
+            raise WeightsError(f"{path} holds model {blob['model']!r}, not {model!r}")
+    encoder, decoder = build_pair(model, blob["config"] if blob else None)
+    if blob is not None:
+        encoder.load_state_dict(blob["encoder"])
+        decoder.load_state_dict(blob["decoder"])
+    elif has_parameters(encoder):
+        raise WeightsError(f"model {model!r} needs a weights file")
+    source = str(Path(weights) if weights else DEFAULT_WEIGHTS) if blob is not None else "built-in"
+    return FacePair(model, encoder.to(device).eval(), decoder.to(device).eval(), device, source,
+                    dict(blob.get("meta") or {}) if blob is not None else {})
+
+
+def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> torch.Tensor:
+    """Crops of one frame → (K, 3, 64, 64) float in [0, 1]."""
+    crops = []
+    for r in rois:
+        patch = torch.from_numpy(np.ascontiguousarray(frame[r.y : r.y + r.h, r.x : r.x + r.w]))
+        patch = patch.to(device).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        if (r.h, r.w) != (FACE_SIZE, FACE_SIZE):
+            # Antialiasing keeps large faces from aliasing when they shrink to 64×64.
+            patch = F.interpolate(patch, size=(FACE_SIZE, FACE_SIZE), mode="bilinear",
+                                  align_corners=False, antialias=True)
+        crops.append(patch)
+    return torch.cat(crops) if crops else torch.empty((0, 3, FACE_SIZE, FACE_SIZE), device=device)
+
+
+def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor) -> None:
+    """Resize each 64×64 face back to its ROI and write it into `frame` (in place)."""
+    for r, face in zip(rois, faces):
+        face = face.unsqueeze(0)
+        if (r.h, r.w) != (FACE_SIZE, FACE_SIZE):
+            face = F.interpolate(face, size=(r.h, r.w), mode="bilinear", align_corners=False, antialias=True)
+        pixels = face[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
+
+
+class FaceSwapper:
+    """Runs U_e (anonymize) or U_d (restore) over all ROIs of a group of frames in one batch."""
+
+    def __init__(self, pair: FacePair, max_batch: int = 256) -> None:
+        self.pair = pair
+        self.max_batch = max_batch
+
+    def anonymize(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor) -> int:
+        return self._apply(self.pair.encoder, frames, rois, noise_for)
+
+    def restore(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor) -> int:
+        return self._apply(self.pair.decoder, frames, rois, noise_for)
+
+    @torch.inference_mode()
+    def _apply(self, net: nn.Module, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]],
+               noise_for: NoiseFor) -> int:
+        """Replace every ROI of every frame in place; returns the number of faces processed."""
+        device = self.pair.device
+        crops = [crop_faces(f, r, device) for f, r in zip(frames, rois) if r]
+        if not crops:
+            return 0
+        faces = torch.cat(crops)
+        flat_rois = [roi for r in rois for roi in r]
+        noise_cache: dict[int, torch.Tensor] = {}
+        for roi in flat_rois:
+            if roi.seq_id not in noise_cache:
+                noise_cache[roi.seq_id] = torch.from_numpy(noise_for(roi.seq_id)).to(device)
+        noise = torch.stack([noise_cache[r.seq_id] for r in flat_rois]).unsqueeze(1)
+        out = torch.cat([net(faces[i : i + self.max_batch], noise[i : i + self.max_batch])
+                         for i in range(0, len(faces), self.max_batch)])
+        k = 0
+        for frame, frame_rois in zip(frames, rois):
+            paste_faces(frame, frame_rois, out[k : k + len(frame_rois)])
+            k += len(frame_rois)
+        return k

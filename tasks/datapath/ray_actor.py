@@ -1,0 +1,80 @@
+"""The Ray actor of the data path: one per pool slot, alive for a whole flow run, models
+loaded once; it runs whole videos through the plain per-video loops and returns small
+records, so frames never cross Ray's object store.
+
+The only module of `tasks/` that imports Ray.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from catalogs import CatalogStore
+from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.keys import Key
+from tasks.datapath.reconstruct import reconstruct_video
+from tasks.datapath.video_loop import PipelineSettings
+from tasks.judges import SFaceJudge
+
+
+def _pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FaceWorkerImpl:
+    """Holds the detector and the face pair once; the Ray actor below is this class, remote."""
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        import torch
+
+        self.settings = settings
+        if settings.torch_threads > 0:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = _pick_device(settings.device)
+        self.pair = load_face_pair(settings.model, settings.weights, self.device)
+        self.swapper = FaceSwapper(self.pair)
+        self._detector: FaceDetector | None = None
+        self._judge: SFaceJudge | None = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        # The private module never detects: load MTCNN only when the public module needs it.
+        if self._detector is None:
+            self._detector = FaceDetector(device=self.device, min_face_size=self.settings.min_face_size,
+                                          batch_size=self.settings.batch_size)
+        return self._detector
+
+    @property
+    def judge(self) -> SFaceJudge:
+        # Only the public module's release check needs SFace and YuNet.
+        if self._judge is None:
+            self._judge = SFaceJudge()
+        return self._judge
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "model": self.pair.name, "weights": self.pair.source, "pid": os.getpid()}
+
+    def anonymize(self, source: str, output: str, key: Key, video_id: str, run_id: str,
+                  catalog_root: str | None) -> dict[str, Any]:
+        catalog = CatalogStore(catalog_root) if catalog_root else None
+        record = anonymize_video(source, output, key=key, video_id=video_id, detector=self.detector,
+                                 swapper=self.swapper, settings=self.settings, run_id=run_id,
+                                 catalog=catalog, judge=self.judge)
+        return record.as_dict()
+
+    def reconstruct(self, public: str, output: str, key: Key, source: str | None = None) -> dict[str, Any]:
+        record = reconstruct_video(public, output, key=key, swapper=self.swapper,
+                                   settings=self.settings, source=source)
+        return record.as_dict()
+
+
+# The Ray actor: one per pool slot, alive for the whole flow run, models loaded once.
+FaceWorker = ray.remote(FaceWorkerImpl)

@@ -1,0 +1,189 @@
+"""The Sec. IV evaluation on a tiny real set: the held-out frames of two short cut clips.
+
+The tiny clips (conftest: wolfgang 24 frames, carphone 16) give 6 + 4 held-out faces, enough
+for genuine and impostor pairs in every environment; the bundled U-Net pair runs for real.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from catalogs import CatalogStore
+from tasks.datapath.deidentify import DEFAULT_WEIGHTS, load_face_pair
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.keys import Key
+from tasks.evaluation.baselines import BASELINES
+from tasks.evaluation.evaluate import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
+                                       truth_box)
+from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
+
+ROI_SCALE = 1.3
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch / OpenCV thread, as the flow runs: on 2 shared cores the default pools spin."""
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    yield
+    torch.set_num_threads(before[0])
+    cv2.setNumThreads(before[1])
+
+
+@pytest.fixture(scope="module")
+def evaluated(clips, one_thread):
+    rng = np.random.default_rng(7)
+    key, wrong_key = Key(rng.bytes(32)), Key(rng.bytes(32))
+    detector = FaceDetector(batch_size=8)
+    pair = load_face_pair("uunet", None)
+    faces = collect_faces([clips["wolfgang"], clips["carphone"]], 1, detector, pair, key, wrong_key, ROI_SCALE)
+    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
+    return faces, evaluate_methods(faces, BASELINES, judges, ROI_SCALE)
+
+
+def test_held_out_faces_are_the_last_quarter_of_each_clip(evaluated):
+    faces, _ = evaluated
+    assert faces.subject_names == ["wolfgang", "carphone"]
+    assert set(faces.frames[faces.subjects == 0]) <= set(range(18, 24))
+    assert set(faces.frames[faces.subjects == 1]) <= set(range(12, 16))
+    assert faces.x.shape[1:] == (64, 64, 3) and faces.x.dtype == np.uint8
+    assert faces.a.shape == faces.r.shape == faces.a_seq1.shape == faces.x.shape
+    # Sequence 1 is another keyed noise, so another virtual face of the same frames.
+    assert not np.array_equal(faces.a_seq0, faces.a_seq1)
+
+
+def test_deterministic_inference_leaves_no_residual_between_two_runs(evaluated):
+    faces, results = evaluated
+    assert faces.residual_max == 0.0
+    assert results[OURS].metrics["reversibility_residual_max"].value == 0.0
+
+
+@pytest.mark.parametrize("method", [OURS, *BASELINES])
+def test_every_method_goes_through_the_same_finite_measures(evaluated, method):
+    _, results = evaluated
+    metrics = results[method].metrics
+    for name in ("x_a_d_prime", "x_a_auc", "detection_rate_ratio", "ap_ratio", "gender_agreement",
+                 "same_person_x_a", "mtcnn_conf_a", "yunet_detection_rate_a"):
+        assert math.isfinite(metrics[name].value), name
+    assert 0.0 <= metrics["x_a_auc"].value <= 1.0
+    assert metrics["x_a_d_prime"].sd is not None and metrics["x_a_d_prime"].sd >= 0.0
+    assert 0.0 <= metrics["gender_agreement"].value <= 1.0
+
+
+def test_real_faces_separate_and_ours_has_the_extra_measures(evaluated):
+    _, results = evaluated
+    reference = results["original"].metrics
+    # Two different people on real crops: SFace must tell them apart almost perfectly.
+    assert reference["x_x_auc"].value > 0.9 and reference["x_x_d_prime"].value > 2
+    assert reference["mtcnn_detection_rate_x"].value > 0.8
+    assert reference["yunet_detection_rate_x"].value > 0.8  # the second detector agrees on real faces
+    ours = results[OURS].metrics
+    for name in ("temporal_d_prime", "temporal_auc", "temporal_ks_p", "diversity_cos_mean", "psnr_x_r", "ssim_x_r"):
+        assert math.isfinite(ours[name].value), name
+    assert ours["same_person_x_r_wrong"].value <= ours["same_person_x_r"].value
+    for name in ("dlib_same_person_x_a", "dlib_same_person_x_r", "dlib_same_person_x_r_wrong"):
+        assert 0.0 <= ours[name].value <= 1.0, name  # the second recogniser reports too
+    for baseline in BASELINES:
+        assert "psnr_x_r" not in results[baseline].metrics  # irreversible: nothing to restore
+
+
+def test_environments_split_pairs_by_subject():
+    e = np.eye(3, dtype=np.float32)[[0, 0, 1, 1]]  # two subjects, two frames each
+    subjects = np.array([0, 0, 1, 1])
+    same = cross_environment(e, e, subjects)
+    assert same.genuine.tolist() == [1.0, 1.0] and len(same.impostor) == 4  # unordered pairs once
+    cross = cross_environment(e, e.copy(), subjects)
+    assert len(cross.genuine) == 4 and len(cross.impostor) == 8  # both orders, never a face with itself
+    assert isinstance(same, Environment)
+
+
+def test_truth_box_is_the_face_square_inside_the_framed_crop():
+    x1, y1, x2, y2 = truth_box(1.3)
+    assert x1 == y1 and x2 == y2 and (x1 + x2) / 2 == 32 + 64
+    assert x2 - x1 == pytest.approx(128 / 1.3)
+
+
+def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips, one_thread, tmp_path):
+    from flows.evaluate import README_END, README_START, evaluate
+    from tests.evaluation.test_labelled_faces import labelled_catalog
+
+    corpus = labelled_catalog(clips, FaceDetector(batch_size=8), tmp_path / "corpus")
+    # A variant file for the per-s table: the bundled weights relabelled as trained with s_gender = +1.
+    # Only the plumbing is under test here (rows, labels, catalog); the numbers are the bundled pair's.
+    blob = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    blob["meta"]["config"]["control"] = "-1,1,0"
+    torch.save(blob, tmp_path / "keep-gender.pt")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{README_START}\nold table\n{README_END}\nafter\n")
+    out = tmp_path / "eval"
+    result = evaluate(clips_dir=str(clips["wolfgang"].parent), out=str(out), stride=2,
+                      clips=[str(clips["wolfgang"]), str(clips["carphone"])], corpus=str(corpus),
+                      max_sequences=4, frames_per_sequence=2, variants=[str(tmp_path / "keep-gender.pt")],
+                      codec_clip=str(clips["carphone"]), codec_frames=8, codec_settings=["ffv1", "x264-crf23"],
+                      readme=str(readme))
+    report = (out / "report.html").read_text()
+    assert "blur" in report and "superpixel" in report and "x264-crf23" in report and "keep-gender" in report
+    for png in ("decision_environments_footage.png", "roc_footage.png", "decision_environments_faces.png",
+                "codec_sweep.png"):
+        assert (out / png).stat().st_size > 1000 and png in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == result["run_id"]
+    assert set(summary["datasets"]) == {"footage", "faces"}
+    faces = summary["datasets"]["faces"]
+    assert set(faces["results"]) == {"original", OURS, *BASELINES}
+    assert faces["gallery"]["faces_selected"] == 8 and faces["faces"]["total"] == faces["gallery"]["faces_found"]
+    assert set(faces["controls"]) == {"uunet", "keep-gender"}
+    assert faces["controls"]["keep-gender"]["s"] == "id -1, gender 1, age_group 0"
+    assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
+    assert summary["codec"][0]["payload_recovery"] == 1.0
+    metrics = CatalogStore(out / "catalogs").read("metrics")
+    assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
+    assert set(metrics["method"]) >= {OURS, *BASELINES, f"{OURS}:keep-gender"}
+    assert (metrics["run_id"] == result["run_id"]).all()
+    assert {"x_a_d_prime", "dlib_x_a_d_prime", "reversibility_residual_max", "psnr_roi_oracle",
+            "pipeline_face_found_rate"} <= set(metrics["metric"])
+    bootstrapped = metrics[metrics["metric"] == "x_a_d_prime"]
+    assert (bootstrapped["low"] <= bootstrapped["value"]).all()
+    assert (bootstrapped["value"] <= bootstrapped["high"]).all()
+    # The README block is the headline, between the markers; the rest of the README is untouched.
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
+    assert (out / "headline.md").read_text() in text and "| measure | x | ours | blur | superpixel |" in text
+
+
+def test_sequence_environment_pairs_other_sequences_of_one_subject():
+    from tasks.evaluation.evaluate import sequence_environment
+
+    e = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 3]]
+    subjects = np.array([0, 0, 0, 1, 1])
+    sequences = np.array([5, 5, 6, 7, 7])
+    env = sequence_environment(e, subjects, sequences)
+    assert len(env.genuine) == 2  # (0, 2) and (1, 2): same subject, other sequence; never (0, 1)
+    assert len(env.impostor) == 6  # 3 faces of subject 0 × 2 of subject 1
+    assert sequence_environment(e, subjects, np.array([5, 5, 5, 7, 7])) is None  # one sequence each
+    assert sequence_environment(e, subjects, None) is None
+
+
+def test_readme_has_one_headline_block_for_make_eval_readme():
+    from flows.evaluate import README_END, README_START
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert text.count(README_START) == 1 and text.count(README_END) == 1
+    assert text.index(README_START) < text.index(README_END)
+
+
+def test_false_accept_rate_counts_different_people_pairs_once():
+    from tasks.evaluation.evaluate import false_accept_rate
+
+    same = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    subjects = np.array([0, 0, 1, 2])
+    # Different-subject pairs: (0,2) yes, (0,3) no, (1,2) no, (1,3) no, (2,3) yes → 2 of 5.
+    assert false_accept_rate(same, subjects, seed=0).value == pytest.approx(0.4, abs=0.05)
+    assert false_accept_rate(same, np.zeros(4, dtype=int), seed=0) is None

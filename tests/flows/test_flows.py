@@ -1,0 +1,106 @@
+"""End to end: the real Prefect flows on real (tiny) clips, with Ray actors on 2 CPUs."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from catalogs import CatalogStore
+from flows.anonymize import anonymize_archive
+from flows.reconstruct import reconstruct_streams
+from tasks.datapath.decode import probe, read_frames
+
+
+@pytest.fixture(scope="module")
+def archive(clips, tmp_path_factory):
+    root = tmp_path_factory.mktemp("archive")
+    (root / "cam1").mkdir()
+    (root / "cam2" / "night").mkdir(parents=True)
+    shutil.copy(clips["wolfgang"], root / "cam1" / "entrance.mp4")
+    shutil.copy(clips["carphone"], root / "cam2" / "night" / "lobby.mp4")
+    (root / "cam2" / "broken.mp4").write_text("this is not a video\n")
+    (root / "cam2" / "notes.txt").write_text("ignored: not a video suffix\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, tmp_path_factory, prefect_harness, ray_session):
+    out = tmp_path_factory.mktemp("out")
+    key_file = out.parent / f"{out.name}.key"
+    before = {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()}
+    rows = anonymize_archive(str(archive), str(out), key_file=str(key_file), model="keyed-permutation",
+                             workers=1)
+    return dict(out=out, key_file=key_file, rows=rows, before=before)
+
+
+def test_every_video_is_anonymized_into_the_same_relative_path(first_run, archive):
+    out = first_run["out"]
+    assert (out / "public" / "cam1" / "entrance.mkv").is_file()
+    assert (out / "public" / "cam2" / "night" / "lobby.mkv").is_file()
+    assert not list((out / "public").rglob(".*")), "no temporary files left behind"
+    for source, public in [("cam1/entrance.mp4", "cam1/entrance.mkv"), ("cam2/night/lobby.mp4", "cam2/night/lobby.mkv")]:
+        s, p = probe(archive / source), probe(out / "public" / public)
+        assert (p.frame_count, p.fps_rational, p.width, p.height, p.audio_streams) == (
+            s.frame_count, s.fps_rational, s.width, s.height, s.audio_streams)
+
+
+def test_originals_are_never_modified(first_run, archive):
+    for path, content in first_run["before"].items():
+        assert path.read_bytes() == content
+
+
+def test_a_broken_file_is_recorded_as_failed_and_the_run_goes_on(first_run):
+    videos = CatalogStore(first_run["out"] / "catalogs").read("videos")
+    by_name = {row["source_path"].split("/")[-1]: row for row in videos.to_dict("records")}
+    assert set(by_name) == {"entrance.mp4", "lobby.mp4", "broken.mp4"}
+    assert by_name["broken.mp4"]["status"] == "failed"
+    assert "VideoDecodeError" in by_name["broken.mp4"]["error"]
+    assert by_name["entrance.mp4"]["status"] == by_name["lobby.mp4"]["status"] == "done"
+    assert by_name["entrance.mp4"]["faces"] > 0 and by_name["entrance.mp4"]["frame_count"] == 24
+
+
+def test_catalogs_hold_rois_sequences_and_the_run(first_run):
+    catalog = CatalogStore(first_run["out"] / "catalogs")
+    videos, rois, sequences = catalog.read("videos"), catalog.read("rois"), catalog.read("sequences")
+    done = videos[videos["status"] == "done"]
+    assert set(rois["video_id"]) <= set(done["video_id"])
+    assert len(rois) == int(done["faces"].sum())
+    assert set(sequences["video_id"]) == set(rois["video_id"])
+    (run,) = catalog.read("runs").to_dict("records")
+    assert (run["n_videos"], run["n_done"], run["n_failed"], run["status"]) == (3, 2, 1, "failed")
+
+
+def test_the_key_file_is_created_private(first_run):
+    assert first_run["key_file"].stat().st_mode & 0o777 == 0o600
+    secret = first_run["key_file"].read_text().strip()
+    catalog_dir = first_run["out"] / "catalogs"
+    assert not any(secret in p.read_bytes().decode("latin-1") for p in catalog_dir.rglob("*.parquet"))
+
+
+def test_a_second_run_processes_nothing_and_duplicates_nothing(first_run, archive):
+    out = first_run["out"]
+    catalog = CatalogStore(out / "catalogs")
+    n_videos = len(catalog.read("videos"))
+    rows = anonymize_archive(str(archive), str(out), key_file=str(first_run["key_file"]),
+                             model="keyed-permutation", workers=1)
+    assert sorted(r["status"] for r in rows) == ["skipped (done before)"] * 2 + ["skipped (failed before)"]
+    assert len(catalog.read("videos")) == n_videos
+    assert len(catalog.read("runs")) == 2
+
+
+def test_reconstruct_flow_restores_from_the_public_streams_alone(first_run, archive):
+    out = first_run["out"]
+    rows = reconstruct_streams(str(out / "public"), str(out), key_file=str(first_run["key_file"]),
+                               model="keyed-permutation", workers=1)
+    assert sorted(r["status"] for r in rows) == ["done", "done"]
+    assert [r["release"] for r in rows] == ["passed", "passed"], "the anonymize run's release check, via the catalog"
+    restored = out / "reconstructed" / "cam1" / "entrance.mkv"
+    assert probe(restored).frame_count == 24 and probe(restored).audio_streams == 1
+    audit = CatalogStore(out / "catalogs").read("audit")
+    assert len(audit) == 2 and (audit["frames_payload_invalid"] == 0).all()
+    assert audit["psnr_roi"].notna().all(), "the catalog led the flow to the sources"
+    source = read_frames(archive / "cam1" / "entrance.mp4", [0])[0].astype(int)
+    public = read_frames(out / "public" / "cam1" / "entrance.mkv", [0])[0].astype(int)
+    rebuilt = read_frames(restored, [0])[0].astype(int)
+    assert np.abs(rebuilt - source).mean() < np.abs(public - source).mean()
