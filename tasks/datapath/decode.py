@@ -183,6 +183,22 @@ def probe(path: str | Path) -> VideoInfo:
     )
 
 
+def read_attachment(path: str | Path, mimetype: str, dest: str | Path) -> bool:
+    """Copy the file's first attachment of `mimetype` to `dest`; False when it has none."""
+    dest = Path(dest)
+    dest.unlink(missing_ok=True)
+    result = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+         f"-dump_attachment:m:mimetype:{mimetype}", str(dest), "-i", str(path)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=_PROBE_TIMEOUT_S)
+    # Without an output file ffmpeg exits 1 after dumping; only other complaints are errors.
+    problems = [line for line in result.stderr.splitlines()
+                if line.strip() and "At least one output file must be specified" not in line]
+    if problems and not dest.exists():
+        raise VideoDecodeError(f"{path}: cannot read its attachments ({' | '.join(problems[-3:])})")
+    return dest.exists()
+
+
 def iter_frames(
     path: str | Path, batch_size: int = 32, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:

@@ -1,15 +1,20 @@
-"""Encode stage: RGB frames piped into ffmpeg, written losslessly to Matroska.
+"""Encode stage: RGB frames piped into ffmpeg, written to Matroska; the sealed data attached.
 
-The public stream carries a least-significant-bit payload, so it must come back
-bit-exact: only `libx264rgb -qp 0` (rgb24) and `ffv1` (bgr0) do here. ffmpeg is
-the static binary shipped by imageio-ffmpeg, driven through ffmpeg-python.
-The file appears at its final path only when complete (temp file + rename).
+Formats: `h264` (libx264 yuv420p CRF 18, the release default: plays anywhere, near the
+source's size) and two lossless ones that keep an in-pixel payload bit-exact,
+`x264rgb` (`libx264rgb -qp 0`, rgb24) and `ffv1` (bgr0). ffmpeg is the static binary
+shipped by imageio-ffmpeg, driven through ffmpeg-python. A file appears at its final path
+only when complete (temp file + rename).
+
+The sealed data travels as a Matroska attachment (`attach`), so one file is the unit of
+release and a plain remux (`ffmpeg -i in.mkv -map 0 -c copy out.mkv`) keeps it.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -30,6 +35,13 @@ LOSSLESS_CODECS: dict[str, dict[str, str | int]] = {
     # ffv1 has no packed rgb24; bgr0 holds the same bytes plus a padding byte.
     "ffv1": {"c:v": "ffv1", "level": 3, "g": 32, "pix_fmt": "bgr0"},
 }
+# CRF 18 is x264's "visually lossless" point. The keyframe interval matches the lossless
+# formats' so the private module decodes a public stream in resumable batches.
+RELEASE_CODECS: dict[str, dict[str, str | int]] = {
+    "h264": {"c:v": "libx264", "crf": 18, "preset": "veryfast", "g": 32, "pix_fmt": "yuv420p"},
+}
+VIDEO_FORMATS = {**RELEASE_CODECS, **LOSSLESS_CODECS}
+ATTACHMENT_MIMETYPE = "application/x-uunet-sealed"
 _STDERR_TAIL_LINES = 30
 
 
@@ -48,10 +60,18 @@ def _drain(stream: IO[bytes], tail: collections.deque[str]) -> None:
         tail.append(raw.decode("utf-8", "replace").rstrip())
 
 
-class LosslessVideoWriter:
-    """Context manager writing uint8 RGB frames to a lossless .mkv, optionally with copied audio.
+def pixel_format(video_format: str, width: int, height: int) -> str:
+    """The encoder's pixel format; yuv420p cannot hold an odd size, so such frames keep full chroma."""
+    pix_fmt = str(VIDEO_FORMATS[video_format]["pix_fmt"])
+    if pix_fmt == "yuv420p" and (width % 2 or height % 2):
+        return "yuv444p"
+    return pix_fmt
 
-    with LosslessVideoWriter(out, width, height, info.fps_rational, audio_source=src) as writer:
+
+class VideoWriter:
+    """Context manager writing uint8 RGB frames to a .mkv, optionally with copied audio.
+
+    with VideoWriter(out, width, height, info.fps_rational, audio_source=src, codec="h264") as writer:
         writer.write(batch)
     """
 
@@ -64,8 +84,8 @@ class LosslessVideoWriter:
         audio_source: str | Path | None = None,
         codec: str = "x264rgb",
     ) -> None:
-        if codec not in LOSSLESS_CODECS:
-            raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(LOSSLESS_CODECS)}")
+        if codec not in VIDEO_FORMATS:
+            raise ValueError(f"unknown video format {codec!r}; choose one of {sorted(VIDEO_FORMATS)}")
         self.out_path = Path(out_path)
         self.width, self.height = width, height
         self.frames_written = 0
@@ -90,7 +110,7 @@ class LosslessVideoWriter:
             format="matroska",  # the temp name's suffix must not decide the container
             fps_mode="passthrough",  # one input frame, one output frame: no drops, no duplicates
             **{"c:a": "copy"},
-            **LOSSLESS_CODECS[codec],
+            **{**VIDEO_FORMATS[codec], "pix_fmt": pixel_format(codec, width, height)},
         ).global_args("-hide_banner", "-nostats", "-loglevel", "warning")
         self._process = output.run_async(
             cmd=ffmpeg_exe(), pipe_stdin=True, pipe_stderr=True, overwrite_output=True
@@ -158,7 +178,7 @@ class LosslessVideoWriter:
         tail = "\n".join(self._stderr_tail) or "(no stderr)"
         return VideoEncodeError(f"{self.out_path}: {what}; ffmpeg stderr tail:\n{tail}")
 
-    def __enter__(self) -> LosslessVideoWriter:
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(
@@ -171,3 +191,21 @@ class LosslessVideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name: str) -> Path:
+    """Remux `video` (every stream, no re-encoding) with `attachment` added, into `out_path` atomically."""
+    out_path = Path(out_path)
+    handle, temp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial.mkv")
+    os.close(handle)
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video),
+               "-map", "0", "-c", "copy", "-attach", str(attachment),
+               "-metadata:s:t:0", f"mimetype={ATTACHMENT_MIMETYPE}", "-metadata:s:t:0", f"filename={name}",
+               "-f", "matroska", temp]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if result.returncode != 0:
+        Path(temp).unlink(missing_ok=True)
+        raise VideoEncodeError(f"{out_path}: attaching the sealed data failed: {result.stderr.strip()[-2000:]}")
+    os.chmod(temp, 0o644)  # a release: readable by all (mkstemp made it owner-only)
+    os.replace(temp, out_path)
+    return out_path

@@ -1,16 +1,20 @@
-"""Hide each frame's ROI list in the public stream, authenticated by the key.
+"""Hide each frame's ROI list in the pixels of a lossless public stream, authenticated.
 
 Reversal must crop exactly the boxes that were de-identified (Proença 2021,
 Sec. III-C), so every public frame carries them: the paper's message
 `n,x1,y1,w1,h1,...` extended with a sequence id per ROI and a header naming
-the frame, the video and the key. On the wire:
+the frame, the video and the payload key. On the wire:
 
-    32-bit big-endian message length | ASCII message | 16-byte HMAC-SHA256 tag
+    32-bit length | key envelope | 32-bit length | ASCII message | 16-byte HMAC-SHA256 tag
 
-written MSB first into the least significant bits of a keyed pseudo-random
-sequence of (y, x, channel) slots over the whole frame. Without the key the
-slots are unknown; with it, any damaged or forged payload fails the HMAC and
-is rejected, never trusted. Only lossless public streams keep LSBs intact.
+written MSB first into the least significant bits of a pseudo-random sequence of
+(y, x, channel) slots over the whole frame. The envelope is the video's data key wrapped
+for each authority (`keys.wrap_data_key`): with it, a lossless public file whose sealed
+attachment was stripped still reverses by the learned path, from any single frame. The
+tag, under a key derived from the data key, covers envelope and message, so a damaged or
+forged payload is rejected, never trusted. The slot order is public (seeded by the frame
+size): an outsider can read where the faces were, which the public frame shows anyway,
+but not forge a payload or learn a key. Only lossless public streams keep LSBs intact.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import numpy as np
 
 from tasks.datapath.keys import Key, derive_seed
 
-VERSION = "UU1"
+VERSION = "UU2"
 LENGTH_BITS = 32
 TAG_BYTES = 16
 TAG_BITS = 8 * TAG_BYTES
 # 8 KiB of message is room for hundreds of ROIs; capping the carrier sequence
 # keeps the per-video setup small however large the frame is.
 MAX_CARRIER_BITS = 64 * 1024
-_TAG_DOMAIN = b"uunet-stego"
+_TAG_DOMAIN = b"uunet-stego-v2"
+_CARRIER_SEED = Key(b"uunet-public-carrier-order-v2\x00\x00\x00")
 _NUMBER = r"(?:0|[1-9][0-9]*)"  # canonical decimals only: one message, one encoding
 _MESSAGE = re.compile(
     rf"{VERSION};f=({_NUMBER});v=([0-9a-f]{{1,64}});k=([0-9a-f]{{16}});((?:{_NUMBER},)+)"
@@ -123,9 +128,9 @@ def parse_message(message: str) -> FramePayload:
     return FramePayload(int(frame_index), video_id, key_id, rois)
 
 
-def payload_bits(payload: FramePayload) -> int:
+def payload_bits(payload: FramePayload, envelope: bytes = b"") -> int:
     """How many carrier slots `embed` writes for this payload."""
-    return LENGTH_BITS + 8 * len(format_message(payload)) + TAG_BITS
+    return 2 * LENGTH_BITS + 8 * len(envelope) + 8 * len(format_message(payload)) + TAG_BITS
 
 
 def capacity_bits(height: int, width: int) -> int:
@@ -133,14 +138,14 @@ def capacity_bits(height: int, width: int) -> int:
     return min(height * width * 3, MAX_CARRIER_BITS)
 
 
-def carrier_positions(height: int, width: int, key: Key, count: int) -> np.ndarray:
+def carrier_positions(height: int, width: int, count: int) -> np.ndarray:
     """The first `count` carrier slots, as read-only flat indices into an (H, W, 3) frame."""
     capacity = capacity_bits(height, width)
     if not 0 <= count <= capacity:
         raise ValueError(
             f"{count} carrier slots requested, a {height}x{width} frame has {capacity}"
         )
-    seed = derive_seed(key, "carriers", height, width)
+    seed = derive_seed(_CARRIER_SEED, "carriers", height, width)
     return _carrier_sequence(seed, height * width * 3, capacity)[:count]
 
 
@@ -148,8 +153,7 @@ def carrier_positions(height: int, width: int, key: Key, count: int) -> np.ndarr
 def _carrier_sequence(seed: int, n_slots: int, count: int) -> np.ndarray:
     """`count` distinct slots in [0, n_slots), in keyed pseudo-random order.
 
-    Keyed on the derived seed, never the secret, so the cache holds no key
-    material. Uses the PCG64 raw stream (its output is fixed across numpy
+    Uses the PCG64 raw stream (its output is fixed across numpy
     versions, unlike `Generator` methods) with first occurrences kept, so
     a public video stays readable after a numpy upgrade.
     """
@@ -174,28 +178,26 @@ def _draws_for(count: int, n_slots: int) -> int:
     return int(-n_slots * math.log1p(-count / n_slots) * 1.05) + 64
 
 
-def carrier_mask(height: int, width: int, key: Key, payload: FramePayload) -> np.ndarray:
+def carrier_mask(height: int, width: int, payload: FramePayload, envelope: bytes = b"") -> np.ndarray:
     """Bool (H, W, 3), True at the slots `embed` writes for `payload`."""
     mask = np.zeros(height * width * 3, dtype=bool)
-    mask[carrier_positions(height, width, key, payload_bits(payload))] = True
+    mask[carrier_positions(height, width, payload_bits(payload, envelope))] = True
     return mask.reshape(height, width, 3)
 
 
-def _tag(message: bytes, key: Key) -> bytes:
-    return hmac.new(key.secret, _TAG_DOMAIN + message, hashlib.sha256).digest()[:TAG_BYTES]
+def _tag(envelope: bytes, message: bytes, key: Key) -> bytes:
+    framed = _TAG_DOMAIN + len(envelope).to_bytes(4, "big") + envelope + message
+    return hmac.new(key.secret, framed, hashlib.sha256).digest()[:TAG_BYTES]
 
 
-def embed(frame: np.ndarray, payload: FramePayload, key: Key) -> np.ndarray:
-    """A copy of `frame` carrying `payload`; only carrier LSBs change (by at most 1)."""
+def embed(frame: np.ndarray, payload: FramePayload, key: Key, envelope: bytes = b"") -> np.ndarray:
+    """A copy of `frame` carrying `envelope` and `payload`; only carrier LSBs change (by at most 1)."""
     if payload.key_id != key.key_id:
         raise PayloadError(f"payload is for key {payload.key_id}, embedding with key {key.key_id}")
-    return _embed_message(frame, format_message(payload), key)
-
-
-def _embed_message(frame: np.ndarray, message: str, key: Key) -> np.ndarray:
     height, width = _check_frame(frame)
-    data = message.encode("ascii")
-    wire = len(data).to_bytes(4, "big") + data + _tag(data, key)
+    data = format_message(payload).encode("ascii")
+    wire = (len(envelope).to_bytes(4, "big") + envelope + len(data).to_bytes(4, "big") + data
+            + _tag(envelope, data, key))
     bits = np.unpackbits(np.frombuffer(wire, dtype=np.uint8))
     capacity = capacity_bits(height, width)
     if bits.size > capacity:
@@ -204,9 +206,39 @@ def _embed_message(frame: np.ndarray, message: str, key: Key) -> np.ndarray:
         )
     public = np.array(frame, dtype=np.uint8, order="C", copy=True)
     flat = public.reshape(-1)
-    slots = carrier_positions(height, width, key, bits.size)
+    slots = carrier_positions(height, width, bits.size)
     flat[slots] = (flat[slots] & 0xFE) | bits
     return public
+
+
+def read_envelope(frame: np.ndarray) -> tuple[bytes, FramePayload]:
+    """The key envelope and the payload of a public frame, NOT yet authenticated.
+
+    For the private module to learn which video and which recipients a frame is for when
+    the sealed data is gone; it then unwraps the data key and calls `extract`, which
+    checks the tag. Raises `PayloadMissing` or `PayloadError` when nothing parses.
+    """
+    envelope, data, _ = _read_wire(frame)
+    return envelope, parse_message(data.decode("ascii"))
+
+
+def _read_wire(frame: np.ndarray) -> tuple[bytes, bytes, bytes]:
+    """(envelope, message, tag) as written by `embed`."""
+    flat, sequence = _carrier_view(frame)
+    length = int.from_bytes(_read_bytes(flat, sequence[:LENGTH_BITS]), "big")
+    if 2 * LENGTH_BITS + 8 * length + TAG_BITS > sequence.size:
+        raise PayloadMissing("no payload in this frame (implausible envelope length)")
+    envelope = _read_bytes(flat, sequence[LENGTH_BITS : LENGTH_BITS + 8 * length])
+    start = LENGTH_BITS + 8 * length
+    length = int.from_bytes(_read_bytes(flat, sequence[start : start + LENGTH_BITS]), "big")
+    start += LENGTH_BITS
+    end = start + 8 * length + TAG_BITS
+    if length == 0 or end > sequence.size:
+        raise PayloadMissing("no payload in this frame (implausible length field)")
+    data = _read_bytes(flat, sequence[start : end - TAG_BITS])
+    if not (data.isascii() and data.decode("ascii").isprintable()):
+        raise PayloadMissing("no payload in this frame (message is not printable ASCII)")
+    return envelope, data, _read_bytes(flat, sequence[end - TAG_BITS : end])
 
 
 def extract(
@@ -222,23 +254,9 @@ def extract(
     authentic payload names another key, frame or video (e.g. one copied
     from another frame).
     """
-    height, width = _check_frame(frame)
-    capacity = capacity_bits(height, width)
-    if capacity < LENGTH_BITS + TAG_BITS:
-        raise PayloadMissing(f"a {height}x{width} frame is too small to carry a payload")
-    flat = np.ravel(frame)
-    sequence = carrier_positions(height, width, key, capacity)
-
-    length = int.from_bytes(_read_bytes(flat, sequence[:LENGTH_BITS]), "big")
-    end = LENGTH_BITS + 8 * length + TAG_BITS
-    if length == 0 or end > capacity:
-        raise PayloadMissing("no payload for this key (implausible length field)")
-    data = _read_bytes(flat, sequence[LENGTH_BITS : end - TAG_BITS])
-    if not (data.isascii() and data.decode("ascii").isprintable()):
-        raise PayloadMissing("no payload for this key (message is not printable ASCII)")
-    tag = _read_bytes(flat, sequence[end - TAG_BITS : end])
-    if not hmac.compare_digest(tag, _tag(data, key)):
-        raise PayloadForged("payload HMAC mismatch: damaged or forged")
+    envelope, data, tag = _read_wire(frame)
+    if not hmac.compare_digest(tag, _tag(envelope, data, key)):
+        raise PayloadForged("payload HMAC mismatch: damaged, forged, or read with another video's key")
 
     payload = parse_message(data.decode("ascii"))
     if payload.key_id != key.key_id:
@@ -252,6 +270,14 @@ def extract(
             f"payload is for video {payload.video_id}, found in video {expected_video_id}"
         )
     return payload
+
+
+def _carrier_view(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    height, width = _check_frame(frame)
+    capacity = capacity_bits(height, width)
+    if capacity < 2 * LENGTH_BITS + TAG_BITS:
+        raise PayloadMissing(f"a {height}x{width} frame is too small to carry a payload")
+    return np.ravel(frame), carrier_positions(height, width, capacity)
 
 
 def _read_bytes(flat: np.ndarray, slots: np.ndarray) -> bytes:

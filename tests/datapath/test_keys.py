@@ -1,206 +1,199 @@
+"""Authority key pairs in openssl's formats, the per-video data key, its envelope and the fixed noise stream."""
+from __future__ import annotations
+
+import hashlib
 import os
 import stat
-import threading
-from pathlib import Path
+import subprocess
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from tasks.datapath.keys import (DEFAULT_KEY_PATH, KEY_ENV_VAR, Key, KeyFileError, KeyFilePermissionWarning,
-                                 derive_seed, keyed_noise, load_key, load_or_create_key, resolve_key_path)
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-def test_create_writes_private_hex_key(tmp_path):
-    path = tmp_path / "secrets" / "nested" / "uunet.key"
-    key, created = load_or_create_key(path)
-
-    assert created
-    assert mode_of(path) == 0o600
-    assert mode_of(path.parent) == 0o700
-    assert mode_of(path.parent.parent) == 0o700
-    text = path.read_text()
-    assert text.endswith("\n")
-    assert len(text.strip()) == 64 and int(text, 16) >= 0
-    assert bytes.fromhex(text.strip()) == key.secret
-    assert key.path == path
-    # No temporary file is left behind next to the key.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["uunet.key"]
+from tasks.datapath import keys
+from tasks.datapath.keys import (DataKey, EnvelopeError, Key, KeyFileError, NotARecipientError, derive_seed,
+                                 envelope_from_bytes, envelope_to_bytes, fixed_noise,
+                                 load_private_key, load_public_key, public_keys_for_anonymize, unwrap_data_key,
+                                 wrap_data_key, write_key_pair)
 
 
-def test_second_call_loads_the_same_key(tmp_path):
-    path = tmp_path / "uunet.key"
-    first, created_first = load_or_create_key(path)
-    second, created_second = load_or_create_key(path)
-    assert (created_first, created_second) == (True, False)
-    assert second == first
-    assert second.key_id == first.key_id
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_concurrent_creators_agree_on_one_key(tmp_path):
-    path = tmp_path / "keys" / "uunet.key"
-    results = []
-    barrier = threading.Barrier(8)
-
-    def create():
-        barrier.wait()
-        results.append(load_or_create_key(path))
-
-    threads = [threading.Thread(target=create) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert len({key.secret for key, _ in results}) == 1
-    assert sum(created for _, created in results) == 1
-    assert load_key(path).secret == results[0][0].secret
+def pair(tmp_path, name="a", kem="x25519"):
+    public = write_key_pair(tmp_path / f"{name}.key", tmp_path / f"{name}.pub", kem)
+    return public, load_private_key(tmp_path / f"{name}.key")
 
 
-def test_fresh_keys_differ(tmp_path):
-    a, _ = load_or_create_key(tmp_path / "a.key")
-    b, _ = load_or_create_key(tmp_path / "b.key")
-    assert a.secret != b.secret and a.key_id != b.key_id
+def test_a_new_pair_is_openssl_pem_private_0600_in_a_0700_folder(tmp_path):
+    public = write_key_pair(tmp_path / "k" / "authority.key", tmp_path / "k" / "authority.pub")
+    private_pem = (tmp_path / "k" / "authority.key").read_bytes()
+    assert private_pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8, as openssl genpkey writes it
+    assert (tmp_path / "k" / "authority.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert mode_of(tmp_path / "k" / "authority.key") == 0o600
+    assert mode_of(tmp_path / "k") == 0o700
+    loaded = serialization.load_pem_private_key(private_pem, password=None)
+    assert isinstance(loaded, x25519.X25519PrivateKey)
+    raw = loaded.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert public.fingerprint == hashlib.sha256(b"uunet-authority-key-v1\x00" + raw).hexdigest()[:16]
+    assert load_private_key(tmp_path / "k" / "authority.key").fingerprint == public.fingerprint
 
 
-def test_key_id_is_stable_and_repr_hides_secret():
-    secret = bytes(range(32))
-    key = Key(secret)
-    assert key.key_id == Key(secret).key_id
-    assert len(key.key_id) == 16 and int(key.key_id, 16) >= 0
-    assert key.key_id != Key(bytes(range(1, 33))).key_id
-    for shown in (repr(key), str(key)):
-        assert secret.hex() not in shown
-        assert repr(secret) not in shown
-        assert key.key_id in shown
-    # The fingerprint is not a plain prefix or hash of the secret.
-    assert not secret.hex().startswith(key.key_id)
+def test_an_existing_private_key_is_never_overwritten(tmp_path):
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    before = (tmp_path / "a.key").read_bytes()
+    with pytest.raises(KeyFileError, match="exists already"):
+        write_key_pair(tmp_path / "a.key", tmp_path / "b.pub")
+    assert (tmp_path / "a.key").read_bytes() == before
 
 
-def test_short_secret_is_refused():
-    with pytest.raises(ValueError):
-        Key(b"\x00" * 31)
+def test_keys_written_by_openssl_itself_load(tmp_path):
+    openssl = "/usr/bin/openssl"
+    if not os.path.exists(openssl):
+        pytest.skip("no openssl binary on this machine")
+    subprocess.run([openssl, "genpkey", "-algorithm", "X25519", "-out", str(tmp_path / "o.key")], check=True)
+    subprocess.run([openssl, "pkey", "-in", str(tmp_path / "o.key"), "-pubout", "-out", str(tmp_path / "o.pub")],
+                   check=True)
+    assert load_private_key(tmp_path / "o.key").fingerprint == load_public_key(tmp_path / "o.pub").fingerprint
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"",
-        b"abc123\n",
-        b"zz" * 32 + b"\n",
-        b"ab" * 33 + b"\n",
-        b"ab" * 32 + b"\nab" * 32,
-    ],
-    ids=["empty", "short", "not-hex", "too-long", "two-keys"],
-)
-def test_malformed_key_file_raises_without_leaking(tmp_path, content):
-    path = tmp_path / "bad.key"
+def test_each_recipient_unwraps_alone_and_a_stranger_is_named(tmp_path):
+    (pub_a, priv_a), (pub_b, priv_b), (_, priv_c) = pair(tmp_path, "a"), pair(tmp_path, "b"), pair(tmp_path, "c")
+    data_key = DataKey.generate()
+    envelope = wrap_data_key(data_key, [pub_a, pub_b], "ab" * 32)
+    assert unwrap_data_key(envelope, priv_a, "ab" * 32) == data_key
+    assert unwrap_data_key(envelope, priv_b, "ab" * 32) == data_key
+    with pytest.raises(NotARecipientError) as error:
+        unwrap_data_key(envelope, priv_c, "ab" * 32)
+    assert pub_a.fingerprint in str(error.value) and pub_b.fingerprint in str(error.value)
+    assert priv_c.fingerprint in str(error.value)
+
+
+def test_an_envelope_moved_to_another_video_or_damaged_does_not_open(tmp_path):
+    public, private = pair(tmp_path)
+    envelope = wrap_data_key(DataKey.generate(), [public], "ab" * 32)
+    with pytest.raises(EnvelopeError, match="moved from another video"):
+        unwrap_data_key(envelope, private, "cd" * 32)
+    damaged = [keys.WrappedKey(w.fingerprint, w.kem, w.blob[:-1] + bytes([w.blob[-1] ^ 1])) for w in envelope]
+    with pytest.raises(EnvelopeError):
+        unwrap_data_key(damaged, private, "ab" * 32)
+
+
+def test_the_post_quantum_hybrid_pair_round_trips(tmp_path):
+    public, private = pair(tmp_path, "pq", kem="mlkem768-x25519")
+    assert public.kem == private.kem == "mlkem768-x25519"
+    assert (tmp_path / "pq.key").read_bytes().count(b"BEGIN PRIVATE KEY") == 2  # ML-KEM-768 + X25519
+    data_key = DataKey.generate()
+    envelope = envelope_from_bytes(envelope_to_bytes(wrap_data_key(data_key, [public], "ef" * 32)))
+    assert unwrap_data_key(envelope, private, "ef" * 32) == data_key
+
+
+def test_a_public_key_given_as_private_and_the_reverse_are_refused(tmp_path):
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    with pytest.raises(KeyFileError, match="is a public key; reconstruct needs"):
+        load_private_key(tmp_path / "a.pub")
+    with pytest.raises(KeyFileError, match="is a private key. The anonymizer takes public keys only"):
+        load_public_key(tmp_path / "a.key")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a key file"),
+    (b"hello world\n", "not a key file"),
+    (b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "not a readable key file"),
+    (b"ab" * 32 + b"\n", "symmetric key of the old format"),
+])
+def test_files_that_are_no_authority_key_get_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "k.pub"
     path.write_bytes(content)
-    path.chmod(0o600)
-    with pytest.raises(KeyFileError) as error:
-        load_key(path)
-    assert str(path) in str(error.value)
-    if content:
-        assert content.strip().decode() not in str(error.value)
+    with pytest.raises(KeyFileError, match=message):
+        load_public_key(path)
 
 
-def test_missing_key_file_raises(tmp_path):
+def test_an_other_kind_of_key_is_named(tmp_path):
+    pem = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "ed.pub").write_bytes(pem)
+    with pytest.raises(KeyFileError, match="Ed25519Public key; authority keys are X25519"):
+        load_public_key(tmp_path / "ed.pub")
+
+
+def test_a_missing_file_and_a_folder_are_refused(tmp_path):
     with pytest.raises(KeyFileError, match="not found"):
-        load_key(tmp_path / "absent.key")
+        load_public_key(tmp_path / "missing.pub")
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_private_key(tmp_path)
 
 
-def test_directory_is_not_a_key(tmp_path):
-    with pytest.raises(KeyFileError):
-        load_key(tmp_path)
+def test_a_private_key_readable_by_others_warns(tmp_path):
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    os.chmod(tmp_path / "a.key", 0o644)
+    with pytest.warns(keys.KeyFilePermissionWarning):
+        load_private_key(tmp_path / "a.key")
 
 
-def test_readable_by_others_warns(tmp_path):
-    path = tmp_path / "uunet.key"
-    key, _ = load_or_create_key(path)
-    path.chmod(0o644)
-    with pytest.warns(KeyFilePermissionWarning, match="chmod 600"):
-        assert load_key(path) == key
+def test_the_default_pair_is_made_once_and_then_only_the_public_key_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (created,), made = public_keys_for_anonymize(None)
+    assert made and (tmp_path / ".keys/authority.key").is_file()
+    # From now on the private key is never opened by the anonymizer: make it unreadable and see.
+    os.chmod(tmp_path / ".keys/authority.key", 0)
+    (again,), made = public_keys_for_anonymize(None)
+    assert not made and again.fingerprint == created.fingerprint
+    (tmp_path / ".keys/authority.pub").unlink()
+    with pytest.raises(KeyFileError, match="authority.pub does not"):
+        public_keys_for_anonymize(None)
 
 
-def test_private_key_file_loads_without_warning(tmp_path, recwarn):
-    path = tmp_path / "uunet.key"
-    load_or_create_key(path)
-    load_key(path)
-    assert not [w for w in recwarn if issubclass(w.category, KeyFilePermissionWarning)]
+def test_keys_survive_pickling_for_the_actors(tmp_path):
+    import pickle
+
+    public, private = pair(tmp_path)
+    assert pickle.loads(pickle.dumps(public)).fingerprint == public.fingerprint
+    envelope = wrap_data_key(DataKey(b"k" * 32), [public], "ab" * 32)
+    assert unwrap_data_key(envelope, pickle.loads(pickle.dumps(private)), "ab" * 32) == DataKey(b"k" * 32)
 
 
-def test_uppercase_hex_is_accepted(tmp_path):
-    path = tmp_path / "upper.key"
-    path.write_text("AB" * 32 + "\n")
-    path.chmod(0o600)
-    assert load_key(path).secret == b"\xab" * 32
+def test_repr_never_shows_a_secret(tmp_path):
+    public, private = pair(tmp_path)
+    data_key = DataKey(b"s" * 32)
+    assert "sss" not in repr(data_key) and "PRIVATE" not in repr(private)
+    assert data_key.key_id == hashlib.sha256(b"uunet-key-id-v1\x00" + b"s" * 32).hexdigest()[:16]
+    with pytest.raises(ValueError):
+        Key(b"short")
 
 
-def test_resolve_key_path_precedence(tmp_path, monkeypatch):
-    monkeypatch.delenv(KEY_ENV_VAR, raising=False)
-    assert resolve_key_path(None) == DEFAULT_KEY_PATH
-    monkeypatch.setenv(KEY_ENV_VAR, str(tmp_path / "env.key"))
-    assert resolve_key_path(None) == tmp_path / "env.key"
-    assert resolve_key_path(tmp_path / "flag.key") == tmp_path / "flag.key"
-    assert resolve_key_path(str(tmp_path / "flag.key")) == tmp_path / "flag.key"
+def test_derived_keys_are_independent_and_deterministic():
+    data_key = DataKey(bytes(range(32)))
+    assert data_key.payload_key() == DataKey(bytes(range(32))).payload_key()
+    secrets_ = {data_key.payload_key().secret, data_key.seal_key(), data_key.derive("noise/0")}
+    assert len(secrets_) == 3 and data_key.secret not in secrets_
 
 
-def test_env_var_key_loads(tmp_path, monkeypatch):
-    monkeypatch.setenv(KEY_ENV_VAR, os.fspath(tmp_path / "env.key"))
-    key, created = load_or_create_key(resolve_key_path(None))
-    assert created and key.path == tmp_path / "env.key"
+def test_noise_golden_values():
+    """Pinned: an archive sealed today must draw the same noise after any upgrade."""
+    noise = fixed_noise(b"\x00" * 32, 4)
+    digest = hashlib.shake_256(b"uunet-noise-v1\x00" + b"\x00" * 32).digest(64)
+    expected = [(int.from_bytes(digest[i:i + 4], "big") >> 8) / 2**24 for i in range(0, 64, 4)]
+    assert noise.dtype == np.float32 and noise.shape == (4, 4)
+    assert noise.ravel().tolist() == expected
+    assert noise[0, :3].tolist() == [0.16603976488113403, 0.8507531881332397, 0.7888866066932678]
 
 
-KEY_A = Key(b"\x01" * 32)
-KEY_B = Key(b"\x02" * 32)
-
-
-def test_derive_seed_is_deterministic_and_64_bit():
-    seed = derive_seed(KEY_A, "noise", "abc", 3)
-    assert seed == derive_seed(Key(b"\x01" * 32), "noise", "abc", 3)
-    assert 0 <= seed < 2**64
+def test_noise_is_one_identity_per_sequence_and_uniform():
+    data_key = DataKey(b"n" * 32)
+    a, b = data_key.noise(0), data_key.noise(1)
+    assert np.array_equal(a, data_key.noise(0)) and not np.array_equal(a, b)
+    assert a.shape == (64, 64) and 0.0 <= a.min() and a.max() < 1.0
+    assert abs(float(a.mean()) - 0.5) < 0.02
+    assert not np.array_equal(DataKey(b"m" * 32).noise(0), a)
 
 
 def test_derive_seed_encoding_is_unambiguous():
-    seeds = {
-        derive_seed(KEY_A, "ab", "c"),
-        derive_seed(KEY_A, "a", "bc"),
-        derive_seed(KEY_A, "abc"),
-        derive_seed(KEY_A, 1),
-        derive_seed(KEY_A, "1"),
-        derive_seed(KEY_A),
-        derive_seed(KEY_B, "ab", "c"),
-    }
-    assert len(seeds) == 7
-
-
-def test_derive_seed_rejects_other_types():
+    key = Key(b"x" * 32)
+    assert derive_seed(key, "ab", "c") != derive_seed(key, "a", "bc")
+    assert derive_seed(key, 1) != derive_seed(key, "1")
+    assert 0 <= derive_seed(key, "carriers", 360, 640) < 2**64
     with pytest.raises(TypeError):
-        derive_seed(KEY_A, 1.5)
-    with pytest.raises(TypeError):
-        derive_seed(KEY_A, True)
-
-
-def test_keyed_noise_is_deterministic_uniform_float32():
-    noise = keyed_noise(KEY_A, "video0", 4)
-    assert noise.shape == (64, 64) and noise.dtype == np.float32
-    assert noise.min() >= 0.0 and noise.max() < 1.0
-    assert 0.45 < noise.mean() < 0.55
-    np.testing.assert_array_equal(noise, keyed_noise(Key(b"\x01" * 32), "video0", 4))
-    assert keyed_noise(KEY_A, "video0", 4, size=32).shape == (32, 32)
-
-
-@pytest.mark.parametrize(
-    "other",
-    [(KEY_B, "video0", 4), (KEY_A, "video1", 4), (KEY_A, "video0", 5)],
-    ids=["key", "video", "sequence"],
-)
-def test_keyed_noise_changes_with_each_part(other):
-    base = keyed_noise(KEY_A, "video0", 4)
-    changed = keyed_noise(*other)
-    # Independent uniform fields: almost every value differs and they are uncorrelated.
-    assert np.mean(base == changed) < 0.01
-    assert abs(np.corrcoef(base.ravel(), changed.ravel())[0, 1]) < 0.1
+        derive_seed(key, 1.5)
