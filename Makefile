@@ -28,7 +28,7 @@ test: install
 
 # Throughput of the public module on the bundled 640x360 clip, against decode + lossless encode alone.
 bench: install
-	$(PY) -m bench.throughput
+	$(PY) -m bench.throughput --sizes
 	$(PY) -m bench.memory
 
 # The recipe of the bundled weights (models/weights/MODEL_CARD.md), from scratch: builds the

@@ -19,15 +19,16 @@ from bench.throughput import DEFAULT_CLIP
 from tasks.datapath.encode import ffmpeg_exe
 
 CHILD = """
-import json, resource, secrets, sys, time, torch
+import json, resource, sys, time, torch
 torch.set_num_threads(1)
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import generate_key_pair, parse_public_key
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.video_loop import PipelineSettings
 settings = PipelineSettings()
-record = anonymize_video(sys.argv[1], sys.argv[2], key=Key(secrets.token_bytes(32)), video_id="0" * 64,
+authority = parse_public_key(generate_key_pair()[1])
+record = anonymize_video(sys.argv[1], sys.argv[2], recipients=[authority], video_id="0" * 64,
                          detector=FaceDetector(batch_size=settings.batch_size),
                          swapper=FaceSwapper(load_face_pair(settings.model, None)), settings=settings,
                          run_id="bench", progress=False)

@@ -52,7 +52,7 @@ import torch
 
 from tasks.datapath.deidentify import load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import DataKey
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, HELD_OUT_FRACTION, SAMPLES, SEQ_ID, ClipFaces,
                                        in_context, run_clip)
@@ -306,10 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     if args.seed is None:
-        key, wrong_key = Key(secrets.token_bytes(32)), Key(secrets.token_bytes(32))
+        key, wrong_key = DataKey(secrets.token_bytes(32)), DataKey(secrets.token_bytes(32))
     else:
         rng = np.random.default_rng(args.seed)
-        key, wrong_key = Key(rng.bytes(32)), Key(rng.bytes(32))
+        key, wrong_key = DataKey(rng.bytes(32)), DataKey(rng.bytes(32))
     settings = PipelineSettings()
     pair = load_face_pair(args.model, args.weights)
     detector = FaceDetector(min_face_size=settings.min_face_size, batch_size=settings.batch_size)

@@ -52,12 +52,16 @@ VIDEOS = pa.schema([
     optional("error", STRING),
     optional("output_path", STRING),
     # Run configuration: known before any video is touched.
-    required("codec", STRING),
+    required("public_format", STRING),  # "h264" | "x264rgb" | "ffv1"
+    required("seal", STRING),  # "high" | "exact" | "none"
     required("model", STRING),
-    required("key_id", STRING),
+    required("recipients", STRING),  # fingerprints of the authorities' public keys, comma-separated
     optional("faces", INT64),  # ROI count over all frames
     optional("sequences", INT32),
     optional("frames_with_faces", INT32),
+    optional("public_bytes", INT64),  # the whole public file, sealed data included
+    optional("sealed_bytes", INT64),
+    optional("seal_min_psnr_db", FLOAT64),  # seal "high": the worst crop's PSNR, measured when sealing
     required("run_id", STRING),
     required("started_at", TIMESTAMP),
     required("finished_at", TIMESTAMP),
@@ -65,6 +69,7 @@ VIDEOS = pa.schema([
     # A failure stops the pipeline part way, leaving later stages untimed.
     optional("seconds_decode", FLOAT64),
     optional("seconds_detect", FLOAT64),
+    optional("seconds_seal", FLOAT64),
     optional("seconds_deidentify", FLOAT64),
     optional("seconds_stego", FLOAT64),
     optional("seconds_encode", FLOAT64),
@@ -115,7 +120,7 @@ RUNS = pa.schema([
     optional("n_done", INT32),
     optional("n_failed", INT32),
     optional("n_skipped", INT32),
-    optional("key_id", STRING),  # training and evaluation runs use no key
+    optional("key_id", STRING),  # key fingerprints (comma-separated); training and evaluation use none
     required("host", STRING),
     required("status", STRING),
 ])
@@ -134,24 +139,34 @@ METRICS = pa.schema([
     optional("step", INT64),  # training step for per-step training metrics; null otherwise
 ])
 
-# One row per reconstruction attempt: who restored what, with which key.
+# One row per reconstruction attempt: who restored what, how, with which key. Rows form a
+# hash chain (catalogs/audit.py): chain_index orders them, row_hash covers the row and the
+# previous row's hash, so an altered, removed or inserted row shows.
 AUDIT = pa.schema([
     required("run_id", STRING),
     required("video_id", STRING),
     required("public_path", STRING),
     optional("output_path", STRING),  # null when reconstruction failed
-    required("key_id", STRING),
-    required("status", STRING),
+    required("key_fingerprint", STRING),  # of the authority's private key used
+    required("restore_path", STRING),  # "sealed" | "learned" | "none"
+    optional("seal", STRING),  # the sealed data's quality; null when absent
+    required("status", STRING),  # "done" | "partial" | "failed"
     optional("error", STRING),
     optional("frames", INT32),
     optional("frames_with_payload", INT32),
     optional("frames_payload_invalid", INT32),  # HMAC mismatch: never trusted
     optional("rois_restored", INT64),
+    optional("chunks_total", INT32),
+    optional("chunks_failed", INT32),  # sealed chunks that failed verification (the rest restored)
     optional("psnr_roi", FLOAT64),  # only when the original is at hand
     required("operator", STRING),
+    required("host", STRING),
     required("started_at", TIMESTAMP),
     required("finished_at", TIMESTAMP),
     required("seconds_total", FLOAT64),
+    required("chain_index", INT64),
+    required("prev_hash", STRING),
+    required("row_hash", STRING),
 ])
 
 # One row per face image of a training corpus, whatever its source (datasets, footage, GAN).

@@ -1,10 +1,12 @@
 """Public module: anonymize every video of an archive into releasable public streams.
 
-    python -m flows.anonymize ARCHIVE_DIR OUT_DIR [--key FILE] [--model NAME] ...
+    python -m flows.anonymize ARCHIVE_DIR OUT_DIR [--public-key FILE ...] [--format h264] [--seal high] ...
 
-Writes `OUT_DIR/public/<same relative path>.mkv` (lossless, audio kept, ROIs hidden in
-each frame) and the catalogs under `OUT_DIR/catalogs/`. Incremental: a video whose
-content hash the catalog already holds as done is skipped. Originals are only read.
+Writes `OUT_DIR/public/<same relative path>.mkv` (every frame and the audio kept, faces
+replaced, the originals sealed to the authorities' public keys inside the file) and the
+catalogs under `OUT_DIR/catalogs/`. Needs public keys only: nothing here can reverse a
+video. Incremental: a video whose content hash the catalog already holds as done is
+skipped. Originals are only read.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id, utc_now
 from flows.runtime import ActorPool, add_pipeline_arguments, format_table, public_name, scan_videos, start_ray
-from tasks.datapath.keys import Key, load_or_create_key, resolve_key_path
+from tasks.datapath.encode import VIDEO_FORMATS
+from tasks.datapath.keys import (DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, AuthorityPublicKey, KeyFileError,
+                                 load_public_key, public_keys_for_anonymize)
+from tasks.datapath.seal import QUALITIES
 from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "faces"),
@@ -33,22 +38,23 @@ SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "face
                    ("review_frames", "review frames"), ("error", "error")]
 
 
-def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSettings, key_id: str,
+def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSettings, recipients: str,
                started, status: str, record: dict[str, Any] | None = None,
                error: str | None = None) -> dict[str, Any]:
     finished = utc_now()
     row: dict[str, Any] = dict(
         video_id=video_id, source_path=str(source), source_bytes=source.stat().st_size,
-        status=status, error=error, codec=settings.codec, model=settings.model, key_id=key_id,
+        status=status, error=error, public_format=settings.public_format, seal=settings.seal,
+        model=settings.model, recipients=recipients,
         run_id=run_id, started_at=started, finished_at=finished,
         seconds_total=(finished - started).total_seconds())
     if record:
         seconds = record["seconds"]
         row.update({k: record[k] for k in ("width", "height", "frame_count", "fps", "fps_rational",
                                              "audio_streams", "faces", "sequences", "frames_with_faces",
-                                             "output_path")})
+                                             "output_path", "public_bytes", "sealed_bytes", "seal_min_psnr_db")})
         row.update({f"seconds_{stage}": seconds.get(stage) for stage in
-                    ("decode", "detect", "deidentify", "stego", "encode")})
+                    ("decode", "detect", "seal", "deidentify", "stego", "encode")})
         row["fps_processed"] = record["frame_count"] / seconds["total"] if seconds.get("total") else None
         # The release check's findings, e.g. "12,57" and "face outside ROIs at frames 12,57".
         row["review_frames"] = ",".join(map(str, record["review_frames"])) or None
@@ -56,43 +62,50 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
     return row
 
 
-# NO_CACHE: inputs hold live actor handles and the key; a video must never be "cached" as done.
+# NO_CACHE: inputs hold live actor handles; a video must never be "cached" as done.
 @task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
-def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, key: Key, run_id: str,
-                  catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
+def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, recipients: list[AuthorityPublicKey],
+                  run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
     """One video on one actor. Bad input is recorded as `failed` (no retry: it would fail again);
     only a dead actor raises, so Prefect retries the video on a fresh one."""
     logger = get_run_logger()
     catalog = CatalogStore(catalog_root)
     started = utc_now()
+    fingerprints = _fingerprints(recipients)
     try:
         with pool.acquire() as actor:
-            record = ray.get(actor.anonymize.remote(str(source), str(output), key, video_id,
+            record = ray.get(actor.anonymize.remote(str(source), str(output), recipients, video_id,
                                                      run_id, catalog_root))
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         message = f"{type(cause).__name__}: {cause}"
         logger.error("%s failed: %s", source, message)
-        row = _video_row(run_id, source, video_id, settings, key.key_id, started, "failed", error=message)
+        row = _video_row(run_id, source, video_id, settings, fingerprints, started, "failed", error=message)
     else:
         status = "needs_review" if record["needs_review"] else "done"
-        row = _video_row(run_id, source, video_id, settings, key.key_id, started, status, record)
+        row = _video_row(run_id, source, video_id, settings, fingerprints, started, status, record)
         if record["needs_review"]:
             logger.warning("%s needs review before release: %s", source.name, record["review_reason"])
-        logger.info("%s → %s: %d frames, %d faces, %.1f fps", source.name, output, row["frame_count"],
-                    row["faces"], row["fps_processed"] or 0)
+        logger.info("%s → %s: %d frames, %d faces, %.1f fps, %.2f MB (sealed %.2f MB), sealed to %s",
+                    source.name, output, row["frame_count"], row["faces"], row["fps_processed"] or 0,
+                    row["public_bytes"] / 1e6, row["sealed_bytes"] / 1e6, fingerprints)
     catalog.write_part("videos", run_id, video_id, [row])
     return row
+
+
+def _fingerprints(keys: list[AuthorityPublicKey]) -> str:
+    return ",".join(k.fingerprint for k in keys)
 
 
 @flow(name="anonymize-archive", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def anonymize_archive(
     archive_dir: str,
     out_dir: str,
-    key_file: str | None = None,
+    public_keys: list[str] | None = None,
     model: str = PipelineSettings.model,
     weights: str | None = None,
-    codec: str = PipelineSettings.codec,
+    public_format: str = PipelineSettings.public_format,
+    seal: str = PipelineSettings.seal,
     batch_size: int = PipelineSettings.batch_size,
     min_face_size: int = PipelineSettings.min_face_size,
     max_gap: int = PipelineSettings.max_gap,
@@ -104,24 +117,30 @@ def anonymize_archive(
     """Anonymize every new video under `archive_dir`; returns one summary row per video.
 
     Videos whose content hash the catalog holds as done are skipped; so are those that
-    failed before (a corrupt file fails again) unless `retry_failed`.
+    failed before (a corrupt file fails again) unless `retry_failed`. `public_keys`: the
+    authorities' public key files, each able to reverse alone (default `.keys/authority.pub`,
+    created with its private key on a first run when neither exists).
     """
     logger = get_run_logger()
     archive, out = Path(archive_dir), Path(out_dir)
     if not archive.is_dir():
         raise FileNotFoundError(f"archive folder not found: {archive}")
     public_root, catalog = out / "public", CatalogStore(out / "catalogs")
-    key_path = resolve_key_path(key_file)
-    key, created = load_or_create_key(key_path)
+    recipients, created = public_keys_for_anonymize(public_keys)
     if created:
-        logger.warning("created a new key at %s (key id %s): back it up, the public streams "
-                       "cannot be reversed without it", key_path, key.key_id)
-    settings = PipelineSettings(model=model, weights=weights, codec=codec, batch_size=batch_size,
-                                min_face_size=min_face_size, max_gap=max_gap, device=device)
+        logger.warning("created an authority key pair: %s (private, fingerprint %s) and %s. Back the private "
+                       "key up and move it off this host: whoever holds it can reverse every public file sealed "
+                       "to it, and without it none can be reversed", DEFAULT_PRIVATE_KEY,
+                       recipients[0].fingerprint, DEFAULT_PUBLIC_KEY)
+    logger.info("sealing to %d authority key(s): %s", len(recipients), _fingerprints(recipients))
+    settings = PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
+                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap, device=device)
     run_id, started = new_run_id(), utc_now()
-    params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out), key_file=str(key_path))
+    params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out),
+                  public_keys=[str(k.path) for k in recipients])
     run_row = dict(run_id=run_id, flow="anonymize", started_at=started, input_dir=str(archive),
-                   output_dir=str(out), params_json=json.dumps(params, sort_keys=True), key_id=key.key_id,
+                   output_dir=str(out), params_json=json.dumps(params, sort_keys=True),
+                   key_id=_fingerprints(recipients),
                    host=socket.gethostname(), status="running")
     catalog.write_part("runs", run_id, "summary", [run_row])
 
@@ -145,13 +164,13 @@ def anonymize_archive(
         pool = ActorPool(settings, workers)
         logger.info("workers: %s", pool.describe())
         try:
-            futures = [anonymize_one.submit(src, dst, vid, pool, key, run_id,
+            futures = [anonymize_one.submit(src, dst, vid, pool, recipients, run_id,
                                             str(catalog.root), pool.settings) for src, dst, vid in jobs]
             for (src, _, vid), future in zip(jobs, futures):
                 try:
                     rows.append(future.result())
                 except Exception as err:  # retries exhausted (actor kept dying): record, go on
-                    row = _video_row(run_id, src, vid, settings, key.key_id, started, "failed",
+                    row = _video_row(run_id, src, vid, settings, _fingerprints(recipients), started, "failed",
                                      error=f"{type(err).__name__}: {err}")
                     catalog.write_part("videos", run_id, vid, [row])
                     rows.append(row)
@@ -172,8 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive_dir", help="folder tree of source videos (read only)")
     p.add_argument("out_dir", help="writes OUT_DIR/public/ and OUT_DIR/catalogs/")
-    p.add_argument("--key", dest="key_file", help="key file (default: $UUNET_KEY_FILE or .keys/uunet.key; "
-                   "created with mode 0600 if missing)")
+    p.add_argument("--public-key", dest="public_keys", action="append", metavar="FILE",
+                   help="an authority's public key (PEM); repeat for several authorities, each able to reverse "
+                   f"alone (default {DEFAULT_PUBLIC_KEY}, created with {DEFAULT_PRIVATE_KEY} when neither exists)")
+    p.add_argument("--format", dest="public_format", default=PipelineSettings.public_format,
+                   choices=sorted(VIDEO_FORMATS), help="h264: the release format (default); x264rgb, ffv1: lossless, "
+                   "with the ROIs and the wrapped key in the pixels as well")
+    p.add_argument("--seal", default=PipelineSettings.seal, choices=QUALITIES,
+                   help="the original faces sealed inside the file: high (>= 42 dB, default), exact (bit-exact), "
+                   "none (reversal by the learned decoder only, the paper's mode)")
     add_pipeline_arguments(p)
     p.add_argument("--min-face-size", type=int, default=PipelineSettings.min_face_size)
     p.add_argument("--max-gap", type=int, default=PipelineSettings.max_gap,
@@ -185,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     start = time.perf_counter()
+    try:  # a key problem is the same for every video: say it once, before any work
+        for path in args["public_keys"] or []:
+            load_public_key(path)
+    except KeyFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} videos in {time.perf_counter() - start:.1f} s as {getpass.getuser()}")

@@ -47,7 +47,8 @@ from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.deidentify import FacePair, FaceSwapper, load_face_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import ffmpeg_exe
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
+from tasks.datapath.seal import QUALITIES
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.baselines import BASELINES
 from tasks.evaluation.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
@@ -56,6 +57,7 @@ from tasks.evaluation.evaluate import (CONTROL_METRICS, N_RESAMPLES, OURS, Estim
                                        roc_points)
 from tasks.evaluation.labelled_faces import GalleryRun, run_split, select_split
 from tasks.evaluation.metrics import decidability
+from tasks.evaluation.sealed_reversal import SealedReversal, measure_sealed_reversal
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,9 +128,9 @@ class DatasetResult:
     gallery: GalleryRun | None = None
 
 
-def _keys(seed: int) -> tuple[Key, Key]:
+def _keys(seed: int) -> tuple[DataKey, DataKey]:
     rng = np.random.default_rng(seed)
-    return Key(rng.bytes(32)), Key(rng.bytes(32))
+    return DataKey(rng.bytes(32)), DataKey(rng.bytes(32))
 
 
 # NO_CACHE, no persisted result: the outputs are arrays of faces, only ever used by this run.
@@ -177,6 +179,13 @@ def cut_clip(source: Path, dest: Path, frames: int) -> Path:
     return dest
 
 
+@task(task_run_name="sealed reversal ({quality}) on {n_clips} clips", cache_policy=NO_CACHE, persist_result=False)
+def sealed_reversal(clips: list[str], n_clips: int, quality: str, pair: FacePair, settings: PipelineSettings,
+                    judges: Judges, stride: int) -> SealedReversal:
+    return measure_sealed_reversal([Path(c) for c in clips], quality, judges.detector, FaceSwapper(pair),
+                                   judges.sface, judges.dlib, settings, stride)
+
+
 @task(task_run_name="codec sweep on {frames} frames", cache_policy=NO_CACHE, persist_result=False)
 def codec_robustness(source: str, frames: int, pair: FacePair, settings: PipelineSettings, judges: Judges,
                      codec_settings: list[str] | None, seed: int) -> list[SweepRow]:
@@ -186,8 +195,10 @@ def codec_robustness(source: str, frames: int, pair: FacePair, settings: Pipelin
     with tempfile.TemporaryDirectory(prefix="uunet-eval-codec-") as tmp:
         clip = cut_clip(Path(source), Path(tmp) / "source.mp4", frames)
         public = Path(tmp) / "public.mkv"
-        anonymize_video(clip, public, key=key, video_id=file_content_hash(clip), detector=judges.detector,
-                        swapper=swapper, settings=settings, run_id="evaluate", progress=False, judge=judges.sface)
+        authority = parse_private_key(generate_key_pair()[0])
+        anonymize_video(clip, public, recipients=[authority.public], video_id=file_content_hash(clip),
+                        detector=judges.detector, swapper=swapper, settings=settings, run_id="evaluate",
+                        progress=False, judge=judges.sface, data_key=key)
         return sweep(public, clip, key, swapper, settings=chosen, sample_every=4, judge=judges.sface)
 
 
@@ -197,7 +208,8 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[SweepRow]) -> list[dict]:
+def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[SweepRow],
+                sealed: list[SealedReversal]) -> list[dict]:
     now = utc_now()
     rows = []
 
@@ -221,6 +233,9 @@ def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[Swe
     for row in codec:
         for metric in ("payload_recovery", "psnr_roi_payload", "psnr_roi_oracle", "ssim_roi", "same_person_rate"):
             add(f"codec:{row.setting}", OURS, metric, Estimate(float(getattr(row, metric))))
+    for row in sealed:
+        for metric in ("psnr_db", "exact_fraction", "sface_same", "dlib_same"):
+            add("footage", f"sealed:{row.quality}", metric, Estimate(float(getattr(row, metric))))
     return rows
 
 
@@ -337,9 +352,22 @@ def codec_rows(codec: list[SweepRow]) -> list[list[str]]:
 
 CODEC_HEADER = ["setting", "payload recovered", "PSNR ROI (payload) dB", "PSNR ROI (oracle) dB", "SSIM ROI",
                 "SFace same person x↔r", "frames"]
+SEALED_HEADER = ["restore path", "public format", "faces restored", "PSNR ROI dB (frame resolution)", "bit-exact ROIs",
+                 "SFace same person x↔r ↑", "dlib same person x↔r ↑", "faces judged", "sealed chunks failed"]
 
 
-def headline_markdown(datasets: dict[str, DatasetResult], codec: list[SweepRow], command: str) -> str:
+def sealed_rows(sealed: list[SealedReversal], learned: MethodResult | None) -> list[list[str]]:
+    rows = [[f"sealed ({r.quality})", r.public_format, str(r.faces), _num(r.psnr_db, ".2f"), f"{r.exact_fraction:.1%}",
+             f"{r.sface_same:.1%}", f"{r.dlib_same:.1%}", str(r.judged), str(r.chunks_failed)] for r in sealed]
+    if learned is not None:  # the paper's path on the same clips' held-out faces, from the table above
+        m = learned.metrics
+        rows.append(["learned (U_d, `--seal none`)", "x264rgb", "—", _cell(m.get("psnr_x_r")) + " (64×64)", "—",
+                     _cell(m.get("same_person_x_r")), _cell(m.get("dlib_same_person_x_r")), "—", "—"])
+    return rows
+
+
+def headline_markdown(datasets: dict[str, DatasetResult], codec: list[SweepRow], command: str,
+                      sealed: list[SealedReversal] | None = None) -> str:
     """The report's headline as Markdown: what `--readme` pastes into the README."""
     parts = [f"Generated by `{command}` on {utc_now():%Y-%m-%d}; ± is the sd over {N_RESAMPLES} random "
              "90 % subsets drawn with repetition (≈ the sampling error); x = the original faces "
@@ -352,6 +380,14 @@ def headline_markdown(datasets: dict[str, DatasetResult], codec: list[SweepRow],
             parts += ["Per control vector s (each pair's U_e on the same 64×64 x with the same noise, drawn "
                       "afresh per face, before any paste: the rows differ only by training):", "",
                       _markdown_table(CONTROL_HEADER, control_rows(data.controls)), ""]
+    if sealed:
+        footage = datasets.get("footage")
+        parts += ["**Reversal from the sealed originals** (the held-out quarter of each bundled clip through the "
+                  "real modules in the release format, restored with the authority's private key into the lossless "
+                  "working copy; every ROI compared with the decoded source, SFace and dlib on every 2nd frame's "
+                  "ROIs of ≥ 32 px; the learned row is the table above's):", "",
+                  _markdown_table(SEALED_HEADER, sealed_rows(sealed, footage.results.get(OURS) if footage else None)),
+                  ""]
     if codec:
         parts += ["**Reversal under codecs** (public stream re-encoded; oracle = the lossless stream's ROIs):", "",
                   _markdown_table(CODEC_HEADER, codec_rows(codec)), ""]
@@ -380,7 +416,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(out: Path, params: dict[str, Any], datasets: dict[str, DatasetResult], codec: list[SweepRow],
-                 plots: list[str], seconds: float) -> Path:
+                 plots: list[str], seconds: float, sealed: list[SealedReversal] | None = None) -> Path:
     sections = []
     for key, data in datasets.items():
         table = _html_table(["measure", "x", *METHODS],
@@ -405,6 +441,10 @@ compares x with a of <em>another frame</em> of the same person (genuine) or of a
 two faces of one subject. Temporal, diversity and reversibility apply to ours only: the baselines have no
 sequence noise and no inverse.</p>
 {''.join(sections)}
+<h2>Reversal from the sealed originals</h2>
+<p>The held-out quarter of each clip through the real modules in the release format; every restored ROI against
+the decoded source at frame resolution.</p>
+{_html_table(SEALED_HEADER, sealed_rows(sealed or [], None))}
 <h2>Codec robustness (one public stream: first {params['codec_frames']} frames of
 <code>{html.escape(Path(params['codec_clip']).name)}</code>)</h2>
 <p>Payload ROIs: frames whose hidden payload still authenticates after the re-encode; oracle ROIs: the lossless
@@ -434,7 +474,8 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
              corpus: str | None = DEFAULT_CORPUS, split: str = "test", max_sequences: int = 200,
              frames_per_sequence: int = 8, variants: list[str] | None = None,
              codec_clip: str = str(CODEC_CLIP), codec_frames: int = 48, codec_settings: list[str] | None = None,
-             seed: int = 0, threads: int = 1, readme: str | None = None) -> dict[str, Any]:
+             seed: int = 0, threads: int = 1, readme: str | None = None,
+             sealed_qualities: list[str] | None = None) -> dict[str, Any]:
     params = dict(locals())  # the flow parameters, before any local is bound
     logger = get_run_logger()
     run_id, started, t0 = new_run_id(), utc_now(), time.perf_counter()
@@ -443,7 +484,9 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
     clip_paths = clips or [str(p) for p in sorted(Path(clips_dir).glob("*.mp4"))]
     datasets: dict[str, DatasetResult] = {}
     with _threads(threads):
-        settings = PipelineSettings(model=model, weights=weights)
+        # The paper's learned reversal is what the per-face measures score: the gallery and the
+        # codec sweep run lossless with nothing sealed (`--seal none`).
+        settings = PipelineSettings(model=model, weights=weights, public_format="x264rgb", seal="none")
         pair = load_face_pair(model, weights)
         pairs = {Path(pair.source).stem if model != "keyed-permutation" else model: pair}
         for path in variants or []:
@@ -479,11 +522,14 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
             data.controls = score_controls(data.title, data, pairs, judges, settings.roi_scale, seed)
         codec = codec_robustness(codec_clip, codec_frames, pair, settings, judges, codec_settings, seed) \
             if codec_frames > 0 else []
+        qualities = ["high", "exact"] if sealed_qualities is None else sealed_qualities
+        sealed = [sealed_reversal(clip_paths, len(clip_paths), quality, pair, settings, judges, stride)
+                  for quality in qualities] if clip_paths else []
     plots = _plots(out_dir, datasets, codec)
     seconds = time.perf_counter() - t0
 
     catalog = CatalogStore(out_dir / "catalogs")
-    catalog.write_part("metrics", run_id, "evaluate", metric_rows(run_id, datasets, codec))
+    catalog.write_part("metrics", run_id, "evaluate", metric_rows(run_id, datasets, codec, sealed))
     summary = {
         "run_id": run_id, "params": params, "seconds": round(seconds, 1),
         "datasets": {key: {
@@ -495,11 +541,12 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
                                                           "faces_missed": data.gallery.faces_missed},
         } for key, data in datasets.items()},
         "codec": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in vars(row).items()} for row in codec],
+        "sealed": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in vars(row).items()} for row in sealed],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False, default=str) + "\n")
-    report = write_report(out_dir, params, datasets, codec, plots, seconds)
+    report = write_report(out_dir, params, datasets, codec, plots, seconds, sealed)
     command = "make eval" if readme else "python -m flows.evaluate"
-    markdown = headline_markdown(datasets, codec, command)
+    markdown = headline_markdown(datasets, codec, command, sealed)
     (out_dir / "headline.md").write_text(markdown)
     if readme:
         update_readme(Path(readme), markdown)
@@ -529,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", help="more weights files of the same model, compared per s")
     p.add_argument("--codec-clip", default=str(CODEC_CLIP))
     p.add_argument("--codec-frames", type=int, default=48, help="0 skips the codec sweep")
+    p.add_argument("--sealed", default="high,exact",
+                   help="seal qualities whose reversal is measured on the clips (comma-separated; '' skips)")
     p.add_argument("--codec-settings", nargs="*", choices=list(CODEC_SETTINGS),
                    help="codec settings to sweep (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -539,7 +588,12 @@ def main(argv: list[str] | None = None) -> int:
             or args.frames_per_sequence < 1:
         p.error("--stride, --threads, --max-sequences and --frames-per-sequence must be >= 1, --codec-frames >= 0")
     args.corpus = args.corpus or None
-    print(json.dumps(evaluate(**vars(args)), indent=1))
+    qualities = [q for q in args.sealed.split(",") if q]
+    if any(q not in QUALITIES for q in qualities):
+        p.error(f"--sealed takes qualities among {', '.join(QUALITIES)}")
+    options = {**vars(args), "sealed_qualities": qualities}
+    options.pop("sealed")
+    print(json.dumps(evaluate(**options), indent=1))
     return 0
 
 

@@ -1,12 +1,13 @@
-"""Private module (authorities only): restore the original faces from public streams.
+"""Private module (authorities only): restore the original faces from public files.
 
-    python -m flows.reconstruct PUBLIC_DIR OUT_DIR --key FILE [--model NAME] ...
+    python -m flows.reconstruct PUBLIC_DIR OUT_DIR [--private-key FILE] [--model NAME] ...
 
-Needs the public streams and the key, nothing else: each frame carries its own ROIs,
-sequence ids and video id, authenticated with the key. Writes
-`OUT_DIR/reconstructed/<same relative path>.mkv` and one `audit` row per stream into
-`OUT_DIR/catalogs/`. Where that catalog knows the source video (same OUT_DIR as the
-anonymize run), PSNR inside the ROIs is measured against it.
+Needs the public files and one authority's private key, nothing else: each file carries
+its data key wrapped for every authority, its sealed originals and its ROIs. Writes
+`OUT_DIR/reconstructed/<same relative path>.mkv` (lossless working copies) and one
+hash-chained `audit` row per file into `OUT_DIR/catalogs/`. Where that catalog knows the
+source video (same OUT_DIR as the anonymize run), PSNR inside the ROIs is measured
+against it. `--verify-audit` checks the audit chain instead.
 """
 from __future__ import annotations
 
@@ -20,20 +21,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import CatalogStore, new_run_id, utc_now
+from catalogs.audit import append_audit_row, verify_audit_chain
 from flows.runtime import ActorPool, add_pipeline_arguments, format_table, scan_videos, start_ray
-from tasks.datapath.keys import Key, load_key, resolve_key_path
+from tasks.datapath.encode import LOSSLESS_CODECS
+from tasks.datapath.keys import DEFAULT_PRIVATE_KEY, AuthorityPrivateKey, KeyFileError, load_private_key
 from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frames", "frames"), ("faces", "faces"), ("sequences", "sequences"),
-                   ("anonymize_fps", "anon fps"), ("restore_fps", "restore fps"),
-                   ("psnr_roi", "PSNR roi dB"), ("release", "release check"), ("status", "status"),
-                   ("error", "error")]
+                   ("anonymize_fps", "anon fps"), ("restore_fps", "restore fps"), ("size_ratio", "size/src"),
+                   ("restore_path", "restored by"), ("chunks", "chunks ok"), ("psnr_roi", "PSNR roi dB"),
+                   ("release", "release check"), ("status", "status"), ("error", "error")]
 
 
 def _sources_by_public_path(catalog: CatalogStore) -> dict[str, dict[str, Any]]:
@@ -44,36 +48,39 @@ def _sources_by_public_path(catalog: CatalogStore) -> dict[str, dict[str, Any]]:
 
 
 @task(retries=2, retry_delay_seconds=2, task_run_name="reconstruct {public.name}", cache_policy=NO_CACHE)
-def reconstruct_one(public: Path, output: Path, pool: ActorPool, key: Key, run_id: str, catalog_root: str,
-                    source: dict[str, Any] | None) -> dict[str, Any]:
-    """One public stream on one actor; the audit row is written whatever the outcome."""
+def reconstruct_one(public: Path, output: Path, pool: ActorPool, private_key: AuthorityPrivateKey, run_id: str,
+                    catalog_root: str, source: dict[str, Any] | None) -> dict[str, Any]:
+    """One public file on one actor; the audit row is chained whatever the outcome."""
     logger = get_run_logger()
     started = utc_now()
     source_path = source["source_path"] if source and Path(source["source_path"]).is_file() else None
-    row: dict[str, Any] = dict(run_id=run_id, public_path=str(public), output_path=None, key_id=key.key_id,
-                               operator=getpass.getuser(), started_at=started)
+    row: dict[str, Any] = dict(run_id=run_id, public_path=str(public), output_path=None,
+                               key_fingerprint=private_key.fingerprint, operator=getpass.getuser(),
+                               host=socket.gethostname(), started_at=started, restore_path="none")
     try:
         with pool.acquire() as actor:
-            record = ray.get(actor.reconstruct.remote(str(public), str(output), key, source_path))
+            record = ray.get(actor.reconstruct.remote(str(public), str(output), private_key, source_path))
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         row.update(video_id=source["video_id"] if source else "unknown", status="failed",
                    error=f"{type(cause).__name__}: {cause}")
         logger.error("%s failed: %s", public, row["error"])
     else:
-        invalid = record["frames_payload_invalid"]
+        invalid, failed = record["frames_payload_invalid"], record["chunks_failed"]
         row.update(video_id=record["video_id"] or "unknown", output_path=str(output),
+                   restore_path=record["restore_path"], seal=record["seal"],
                    frames=record["frames"], frames_with_payload=record["frames_with_payload"],
                    frames_payload_invalid=invalid, rois_restored=record["rois_restored"],
-                   psnr_roi=record["psnr_roi"],
-                   # A frame whose payload failed authentication was left untouched: say so.
-                   status="done" if invalid == 0 else "partial",
+                   chunks_total=record["chunks_total"], chunks_failed=failed, psnr_roi=record["psnr_roi"],
+                   # Frames whose payload failed, or chunks that did not verify, were left as they were: say so.
+                   status="done" if invalid == 0 and failed == 0 else "partial",
                    error="; ".join(record["invalid_examples"]) or None)
-        logger.info("%s → %s: %d frames, %d ROIs restored, %d frames without a valid payload",
-                    public.name, output, record["frames"], record["rois_restored"], invalid)
+        logger.info("%s → %s: restored by %s, %d frames, %d ROIs, %d of %d sealed chunks failed, "
+                    "%d frames without a valid payload", public.name, output, record["restore_path"],
+                    record["frames"], record["rois_restored"], failed, record["chunks_total"], invalid)
     finished = utc_now()
     row.update(finished_at=finished, seconds_total=(finished - started).total_seconds())
-    CatalogStore(catalog_root).write_part("audit", run_id, row["video_id"] + "-" + public.stem, [row])
+    append_audit_row(CatalogStore(catalog_root), row)
     return row
 
 
@@ -81,27 +88,29 @@ def reconstruct_one(public: Path, output: Path, pool: ActorPool, key: Key, run_i
 def reconstruct_streams(
     public_dir: str,
     out_dir: str,
-    key_file: str | None = None,
+    private_key: str | None = None,
     model: str = PipelineSettings.model,
     weights: str | None = None,
-    codec: str = PipelineSettings.codec,
+    restore_format: str = PipelineSettings.restore_format,
     batch_size: int = PipelineSettings.batch_size,
     workers: int | None = None,
     ray_address: str | None = None,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Reconstruct every public stream under `public_dir`; returns one summary row per stream."""
+    """Reconstruct every public file under `public_dir` with the authority's `private_key` file
+    (default `.keys/authority.key`); returns one summary row per file."""
     logger = get_run_logger()
     public_root, out = Path(public_dir), Path(out_dir)
     if not public_root.is_dir():
         raise FileNotFoundError(f"public stream folder not found: {public_root}")
-    key = load_key(resolve_key_path(key_file))  # never created here: a new key restores nothing
+    key = load_private_key(private_key or DEFAULT_PRIVATE_KEY)  # never created here: a new key restores nothing
     catalog = CatalogStore(out / "catalogs")
-    settings = PipelineSettings(model=model, weights=weights, codec=codec, batch_size=batch_size, device=device)
+    settings = PipelineSettings(model=model, weights=weights, restore_format=restore_format,
+                                batch_size=batch_size, device=device)
     run_id, started = new_run_id(), utc_now()
     run_row = dict(run_id=run_id, flow="reconstruct", started_at=started, input_dir=str(public_root),
                    output_dir=str(out), params_json=json.dumps(asdict(settings), sort_keys=True),
-                   key_id=key.key_id, host=socket.gethostname(), status="running")
+                   key_id=key.fingerprint, host=socket.gethostname(), status="running")
     catalog.write_part("runs", run_id, "summary", [run_row])
 
     publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
@@ -134,7 +143,11 @@ def reconstruct_streams(
                    release=None if not src else f"review frames {review}" if src.get("status") == "needs_review"
                    else "passed",
                    sequences=src.get("sequences"), anonymize_fps=src.get("fps_processed"),
-                   restore_fps=row["frames"] / row["seconds_total"] if row.get("frames") else None)
+                   restore_fps=row["frames"] / row["seconds_total"] if row.get("frames") else None,
+                   # Rows of an older release's runs lack the size: pandas gives NA there.
+                   size_ratio=src["public_bytes"] / src["source_bytes"] if pd.notna(src.get("public_bytes")) else None,
+                   chunks=f"{row['chunks_total'] - row['chunks_failed']}/{row['chunks_total']}"
+                   if row.get("chunks_total") else None)
     return rows
 
 
@@ -143,15 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("public_dir", help="folder tree of public streams (.mkv)")
     p.add_argument("out_dir", help="writes OUT_DIR/reconstructed/ and audit rows to OUT_DIR/catalogs/")
-    p.add_argument("--key", dest="key_file", help="the key the streams were made with "
-                   "(default: $UUNET_KEY_FILE or .keys/uunet.key)")
+    p.add_argument("--private-key", help=f"an authority's private key (PKCS#8 PEM; default {DEFAULT_PRIVATE_KEY})")
+    p.add_argument("--restore-format", default=PipelineSettings.restore_format, choices=sorted(LOSSLESS_CODECS),
+                   help="the working copies' lossless format")
+    p.add_argument("--verify-audit", action="store_true",
+                   help="only check OUT_DIR's audit chain and report the first row where it breaks")
     add_pipeline_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    if args.pop("verify_audit"):
+        problem = verify_audit_chain(CatalogStore(Path(args["out_dir"]) / "catalogs"))
+        print(problem or "audit chain intact")
+        return 1 if problem else 0
     start = time.perf_counter()
+    try:  # a key problem is the same for every file: say it once, before any work
+        load_private_key(args["private_key"] or DEFAULT_PRIVATE_KEY)
+    except KeyFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows = reconstruct_streams(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")

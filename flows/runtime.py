@@ -106,7 +106,6 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=PipelineSettings.model,
                         help="face pair: uunet (bundled weights) or keyed-permutation")
     parser.add_argument("--weights", help="weights file for --model uunet (default models/weights/uunet.pt)")
-    parser.add_argument("--codec", default=PipelineSettings.codec, choices=["x264rgb", "ffv1"])
     parser.add_argument("--batch-size", type=int, default=PipelineSettings.batch_size)
     parser.add_argument("--workers", type=int, help="number of actors (default: from the cluster's CPUs/GPUs)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")

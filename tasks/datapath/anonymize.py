@@ -1,13 +1,16 @@
-"""The public module's loop for one video: decode → detect → track → de-identify → hide the
-ROIs → encode, in bounded batches, then the release check on the written stream.
+"""The public module's loop for one video: decode → detect → track → seal the originals →
+de-identify → hide the ROIs → encode, in bounded batches; then the sealed data is attached
+and the release check reads the written file back.
 
 A plain function (no Ray): the actor in `tasks/datapath/ray_actor.py` calls it, and so do
-the evaluation and the benchmarks, which run a video without a cluster.
+the evaluation and the benchmarks, which run a video without a cluster. It is given the
+authorities' public keys only: the video's data key is drawn here, sealed to them, and
+never leaves this function.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +19,19 @@ import numpy as np
 
 from catalogs import CatalogStore
 from tasks.datapath import stego
-from tasks.datapath.decode import probe
+from tasks.datapath.decode import probe, read_attachment
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
-from tasks.datapath.release_check import check_public_stream
+from tasks.datapath.encode import ATTACHMENT_MIMETYPE, LOSSLESS_CODECS, attach
+from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, wrap_data_key
+from tasks.datapath.release_check import check_public_stream, listed_rois, payload_rois, sample_frames
+from tasks.datapath.seal import SealedVideo, SealWriter
 from tasks.datapath.track import FaceTracker, Roi
-from tasks.datapath.video_loop import PipelineSettings, Timer, noise_source, progress_bar, timed_batches, writer_for
+from tasks.datapath.video_loop import (PipelineSettings, Timer, noise_source, progress_bar, temporary_beside,
+                                       timed_batches, writer_for)
 from tasks.judges import SFaceJudge
+
+SEALED_NAME = "sealed.uuseal"  # the attachment's file name inside the public file
 
 ROI_ROWS_PER_PART = 20_000
 
@@ -44,6 +52,12 @@ class VideoRecord:
     faces: int = 0
     sequences: int = 0
     frames_with_faces: int = 0
+    public_format: str = ""
+    seal: str = ""
+    recipients: list[str] = field(default_factory=list)  # fingerprints of the public keys sealed to
+    public_bytes: int = 0  # the whole public file, sealed data included
+    sealed_bytes: int = 0
+    seal_min_psnr_db: float | None = None  # `high`: worst crop when sealing; None otherwise
     seconds: dict[str, float] = field(default_factory=dict)
     # The release check's verdict on the written public stream (tasks/datapath/release_check.py).
     frames_checked: int = 0
@@ -67,7 +81,7 @@ def anonymize_video(
     source: str | Path,
     output: str | Path,
     *,
-    key: Key,
+    recipients: Sequence[AuthorityPublicKey],
     video_id: str,
     detector: FaceDetector,
     swapper: FaceSwapper,
@@ -76,20 +90,30 @@ def anonymize_video(
     catalog: CatalogStore | None = None,
     progress: bool = True,
     judge: SFaceJudge | None = None,
+    data_key: DataKey | None = None,
 ) -> VideoRecord:
-    """Public module for one video: detect, track, de-identify, hide the ROIs, encode losslessly,
-    then run the release check on the written stream.
+    """Public module for one video: detect, track, seal, de-identify, hide the ROIs, encode, attach,
+    then run the release check on the written file.
 
     ROI and sequence rows go straight to the catalog (they grow with the video, so they do
     not travel back to the caller); the returned record is small. `judge` (SFace with its
     YuNet) is loaded here when not given; a worker passes its own to load it once.
+    `data_key` is drawn at random when not given (tests and the evaluation fix it).
     """
     timer = Timer()
     info = probe(source)
     record = VideoRecord(video_id, str(source), str(output), info.width, info.height,
-                         info.frame_count, info.fps, info.fps_rational, info.audio_streams)
+                         info.frame_count, info.fps, info.fps_rational, info.audio_streams,
+                         public_format=settings.public_format, seal=settings.seal,
+                         recipients=[r.fingerprint for r in recipients])
     tracker = FaceTracker(info.width, info.height, max_gap=settings.max_gap, roi_scale=settings.roi_scale)
-    noise_for = noise_source(key, video_id)
+    data_key = data_key or DataKey.generate()
+    envelope = wrap_data_key(data_key, recipients, video_id)
+    payload_key = data_key.payload_key()
+    # Lossless formats keep an in-pixel payload, with the envelope: reversible from the pixels alone.
+    in_pixels = settings.public_format in LOSSLESS_CODECS
+    envelope_bytes = envelope_to_bytes(envelope)
+    noise_for = noise_source(data_key)
     pending: dict[int, np.ndarray] = {}  # decoded frames waiting until their ROIs are final
     roi_rows: list[dict[str, Any]] = []
     roi_parts = 0
@@ -111,16 +135,21 @@ def anonymize_video(
             return
         frames = [pending.pop(f) for f, _ in ready]
         rois = [r for _, r in ready]
+        with timer.stage("seal"):
+            for frame, (f, frame_rois) in zip(frames, ready):
+                sealer.add(f, frame, frame_rois)
         with timer.stage("deidentify"):
             swapper.anonymize(frames, rois, noise_for)
-        with timer.stage("stego"):
-            public = [
-                stego.embed(frame, stego.FramePayload(f, video_id, key.key_id, tuple(
-                    stego.RoiRecord(r.x, r.y, r.w, r.h, r.seq_id) for r in frame_rois)), key)
-                for frame, (f, frame_rois) in zip(frames, ready)
-            ]
+        if in_pixels:
+            with timer.stage("stego"):
+                frames = [
+                    stego.embed(frame, stego.FramePayload(f, video_id, payload_key.key_id, tuple(
+                        stego.RoiRecord(r.x, r.y, r.w, r.h, r.seq_id) for r in frame_rois)), payload_key,
+                        envelope_bytes)
+                    for frame, (f, frame_rois) in zip(frames, ready)
+                ]
         with timer.stage("encode"):
-            writer.write(np.stack(public))
+            writer.write(np.stack(frames))
         for _, frame_rois in ready:
             record.faces += len(frame_rois)
             record.frames_with_faces += bool(frame_rois)
@@ -130,16 +159,28 @@ def anonymize_video(
             bar.update(len(ready))
 
     start = time.perf_counter()
-    with writer_for(output, info, source, settings) as writer:
-        for first, batch in timed_batches(source, settings.batch_size, timer):
-            with timer.stage("detect"):
-                detections = detector.detect(batch)
-            for i, dets in enumerate(detections):
-                tracker.update(first + i, dets)
-                pending[first + i] = batch[i]
-            emit(tracker.pop_ready())
-        emit(tracker.finish())
-        record.frame_count = writer.frames_written
+    with temporary_beside(output, ".mkv") as video_part, temporary_beside(output, ".uuseal") as sealed_part:
+        sealer = SealWriter(sealed_part, video_id, data_key, envelope, settings.seal)
+        try:
+            with writer_for(video_part, info, source, settings.public_format) as writer:
+                for first, batch in timed_batches(source, settings.batch_size, timer):
+                    with timer.stage("detect"):
+                        detections = detector.detect(batch)
+                    for i, dets in enumerate(detections):
+                        tracker.update(first + i, dets)
+                        pending[first + i] = batch[i]
+                    emit(tracker.pop_ready())
+                emit(tracker.finish())
+                record.frame_count = writer.frames_written
+            with timer.stage("seal"):
+                stats = sealer.close()
+        except BaseException:
+            sealer.abort()
+            raise
+        with timer.stage("attach"):
+            attach(video_part, sealed_part, output, SEALED_NAME)
+    record.public_bytes, record.sealed_bytes = Path(output).stat().st_size, stats.bytes
+    record.seal_min_psnr_db = stats.min_psnr_db if settings.seal == "high" and stats.crop_chunks else None
     if bar is not None:
         bar.close()
     if record.frame_count == 0:
@@ -156,8 +197,11 @@ def anonymize_video(
             for s in sequences])
     with timer.stage("release_check"):
         # Seeded by the video id: reproducible, yet the sampled offset differs between videos.
-        verdict = check_public_stream(output, source, key, detector, judge=judge,
-                                      max_frames=settings.release_check_frames, seed=int(video_id[:15], 16))
+        checked = sample_frames(record.frame_count, settings.release_check_frames, seed=int(video_id[:15], 16))
+        # Read back from the written file: the sealed data must verify in every format.
+        sealed_rois = read_back_rois(output, video_id, data_key, checked)
+        rois_of = payload_rois(payload_key) if in_pixels else listed_rois(sealed_rois)
+        verdict = check_public_stream(output, source, rois_of, detector, judge=judge, frames=checked)
     record.frames_checked = len(verdict.checked_frames)
     record.needs_review = verdict.needs_review
     record.review_frames = verdict.review_frames
@@ -165,3 +209,19 @@ def anonymize_video(
     timer.seconds["total"] = time.perf_counter() - start
     record.seconds = timer.seconds
     return record
+
+
+def read_back_rois(public: str | Path, video_id: str, data_key: DataKey,
+                   frames: Iterable[int]) -> dict[int, list[stego.RoiRecord]]:
+    """The ROIs of `frames` as the written public file's sealed data gives them (verified)."""
+    with temporary_beside(public, ".uuseal") as part:
+        if not read_attachment(public, ATTACHMENT_MIMETYPE, part):
+            raise ValueError(f"{public}: the sealed data is missing from the written file")
+        sealed = SealedVideo(part)
+        if sealed.video_id != video_id:
+            raise ValueError(f"{public}: the sealed data names video {sealed.video_id}, not {video_id}")
+        sealed.unlock(data_key)
+        rois = sealed.roi_lists(frames)
+        if sealed.failures:
+            raise ValueError(f"{public}: the sealed data does not verify: {'; '.join(sealed.failures[:3])}")
+    return {f: [stego.RoiRecord(r.x, r.y, r.w, r.h, r.seq_id) for r in items] for f, items in rois.items()}

@@ -15,7 +15,7 @@ from catalogs import CatalogStore
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import AuthorityPrivateKey, AuthorityPublicKey
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.judges import SFaceJudge
@@ -62,16 +62,17 @@ class FaceWorkerImpl:
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "model": self.pair.name, "weights": self.pair.source, "pid": os.getpid()}
 
-    def anonymize(self, source: str, output: str, key: Key, video_id: str, run_id: str,
+    def anonymize(self, source: str, output: str, recipients: list[AuthorityPublicKey], video_id: str, run_id: str,
                   catalog_root: str | None) -> dict[str, Any]:
         catalog = CatalogStore(catalog_root) if catalog_root else None
-        record = anonymize_video(source, output, key=key, video_id=video_id, detector=self.detector,
+        record = anonymize_video(source, output, recipients=recipients, video_id=video_id, detector=self.detector,
                                  swapper=self.swapper, settings=self.settings, run_id=run_id,
                                  catalog=catalog, judge=self.judge)
         return record.as_dict()
 
-    def reconstruct(self, public: str, output: str, key: Key, source: str | None = None) -> dict[str, Any]:
-        record = reconstruct_video(public, output, key=key, swapper=self.swapper,
+    def reconstruct(self, public: str, output: str, private_key: AuthorityPrivateKey,
+                    source: str | None = None) -> dict[str, Any]:
+        record = reconstruct_video(public, output, private_key=private_key, swapper=self.swapper,
                                    settings=self.settings, source=source)
         return record.as_dict()
 

@@ -1,13 +1,21 @@
-"""The private module's loop for one public stream: read each frame's payload, restore its
-ROIs with U_d, encode; PSNR inside the ROIs against the source when it is at hand.
+"""The private module's loop for one public file: unwrap the video's data key with an
+authority's private key, then restore every ROI, writing a lossless working copy.
 
+Two restore paths, chosen per video and reported as `restore_path`:
+- `sealed`: the original pixels from the sealed data attached to the file, pasted at their
+  boxes (exact, or within 42 dB); each chunk is verified, a failed one is counted and the
+  rest still restored;
+- `learned`: no originals sealed (`--seal none`) or the attachment is gone: U_d on the ROIs
+  of the in-pixel payload (lossless formats; the payload also carries the envelope) or of
+  the sealed ROI list, with the sequence's noise (the paper's path, 64x64 detail).
+PSNR inside the ROIs against the source is measured on the way when the source is at hand.
 A plain function (no Ray), like the public module's loop in `tasks/datapath/anonymize.py`.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,25 +23,39 @@ from typing import Any
 import numpy as np
 
 from tasks.datapath import stego
-from tasks.datapath.decode import iter_frames, probe
+from tasks.datapath.decode import iter_frames, probe, read_attachment, read_frames
 from tasks.datapath.deidentify import FaceSwapper
-from tasks.datapath.keys import Key
+from tasks.datapath.encode import ATTACHMENT_MIMETYPE
+from tasks.datapath.keys import AuthorityPrivateKey, DataKey, envelope_from_bytes, unwrap_data_key
+from tasks.datapath.seal import SealedVideo
 from tasks.datapath.track import Roi
-from tasks.datapath.video_loop import PipelineSettings, Timer, noise_source, progress_bar, timed_batches, writer_for
+from tasks.datapath.video_loop import (PipelineSettings, Timer, noise_source, progress_bar, temporary_beside,
+                                       timed_batches, writer_for)
+
+RESTORE_PATHS = ("sealed", "learned", "none")
+
+
+class NothingToRestore(Exception):
+    """A public file that holds neither sealed data nor an in-pixel payload."""
 
 
 @dataclass
 class RestoreRecord:
-    """What the private module returns per public stream (the `audit` row's content)."""
+    """What the private module returns per public file (the `audit` row's content)."""
 
     video_id: str | None
     public_path: str
     output_path: str
+    key_fingerprint: str = ""
+    restore_path: str = "none"
+    seal: str | None = None  # the sealed data's quality; None when it is absent
     frames: int = 0
     frames_with_payload: int = 0
     frames_payload_invalid: int = 0
     invalid_examples: list[str] = field(default_factory=list)
     rois_restored: int = 0
+    chunks_total: int = 0
+    chunks_failed: int = 0
     psnr_roi: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -41,78 +63,151 @@ class RestoreRecord:
         return asdict(self)
 
 
+@dataclass
+class _Keys:
+    """What opening a public file gives: its video id and data key, and the sealed data if attached."""
+
+    video_id: str
+    data_key: DataKey
+    sealed: SealedVideo | None
+
+
+def _open(public: Path, sealed_part: Path, private_key: AuthorityPrivateKey) -> _Keys:
+    """Unwrap the data key from the attachment's envelope, else from frame 0's payload."""
+    if read_attachment(public, ATTACHMENT_MIMETYPE, sealed_part):
+        sealed = SealedVideo(sealed_part)
+        data_key = unwrap_data_key(sealed.envelope, private_key, sealed.video_id)
+        sealed.unlock(data_key)
+        return _Keys(sealed.video_id, data_key, sealed)
+    try:
+        envelope, unverified = stego.read_envelope(read_frames(public, [0])[0])
+    except stego.PayloadError:
+        raise NothingToRestore(f"{public}: no sealed data attached and no in-pixel payload (a lossy public "
+                               "file whose attachment was stripped): nothing to restore from") from None
+    # The envelope binds the video id, so a forged id fails to unwrap; extract() then checks the tag.
+    data_key = unwrap_data_key(envelope_from_bytes(envelope), private_key, unverified.video_id)
+    return _Keys(unverified.video_id, data_key, None)
+
+
+def _carries_payload(frame: np.ndarray) -> bool:
+    try:
+        stego.read_envelope(frame)
+        return True
+    except stego.PayloadError:
+        return False
+
+
+def _psnr(squared_error: float, pixels: int) -> float | None:
+    if not pixels:
+        return None
+    mse = squared_error / pixels
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def reconstruct_video(
     public: str | Path,
     output: str | Path,
     *,
-    key: Key,
+    private_key: AuthorityPrivateKey,
     swapper: FaceSwapper,
     settings: PipelineSettings,
     source: str | Path | None = None,
     progress: bool = True,
 ) -> RestoreRecord:
-    """Private module for one public stream: read each frame's payload, restore its ROIs with U_d.
+    """Private module for one public file; needs nothing but the file and an authority's private key.
 
-    Needs nothing but the stream and the key. A frame whose payload is missing or fails
-    authentication is written unchanged and counted: it is never trusted. When the source
-    video is at hand, PSNR inside the ROIs (frame resolution) is measured on the way.
+    Raises `NotARecipientError` / `EnvelopeError` (keys.py) before anything is written when
+    the key cannot open the video, and `NothingToRestore` when the file carries nothing to
+    restore from. Frames whose payload fails authentication are written unchanged and counted.
     """
     timer = Timer()
+    public = Path(public)
     info = probe(public)
-    record = RestoreRecord(None, str(public), str(output))
-    bar = progress_bar(info.frame_count, f"reconstruct {Path(public).name}", progress)
-    source_frames = iter_frames(source, batch_size=settings.batch_size) if source else None
-    source_buffer: list[np.ndarray] = []
-    squared_error, roi_pixels = 0.0, 0
-    noise_for: Callable[[int], np.ndarray] | None = None
-    start = time.perf_counter()
-    with writer_for(output, info, public, settings) as writer:
-        for first, batch in timed_batches(public, settings.batch_size, timer):
-            rois: list[list[Roi]] = []
-            with timer.stage("stego"):
-                for i, frame in enumerate(batch):
-                    try:
-                        payload = stego.extract(frame, key, expected_frame_index=first + i)
-                    except stego.PayloadError as err:
-                        record.frames_payload_invalid += 1
-                        if len(record.invalid_examples) < 5:
-                            record.invalid_examples.append(f"frame {first + i}: {err}")
-                        rois.append([])
-                        continue
-                    if record.video_id is None:
-                        record.video_id = payload.video_id
-                        noise_for = noise_source(key, payload.video_id)
-                    elif payload.video_id != record.video_id:
-                        raise stego.PayloadMismatch(
-                            f"frame {first + i} belongs to video {payload.video_id}, not {record.video_id}")
-                    record.frames_with_payload += 1
-                    rois.append([Roi(first + i, r.seq_id, r.x, r.y, r.w, r.h, None, False)
-                                 for r in payload.rois])
-            if noise_for is not None:
-                with timer.stage("deidentify"):
-                    record.rois_restored += swapper.restore(batch, rois, noise_for)
-            if source_frames is not None:
-                with timer.stage("compare"):
-                    while len(source_buffer) < len(batch):
-                        _, src_batch = next(source_frames)
-                        source_buffer.extend(src_batch)
-                    for frame, frame_rois in zip(batch, rois):
-                        original = source_buffer.pop(0)
-                        for r in frame_rois:
-                            a = frame[r.y : r.y + r.h, r.x : r.x + r.w].astype(np.float64)
-                            b = original[r.y : r.y + r.h, r.x : r.x + r.w].astype(np.float64)
-                            squared_error += float(((a - b) ** 2).sum())
-                            roi_pixels += a.size
-            with timer.stage("encode"):
-                writer.write(batch)
-            record.frames += len(batch)
-            if bar is not None:
-                bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    if roi_pixels:
-        mse = squared_error / roi_pixels
-        record.psnr_roi = float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    record = RestoreRecord(None, str(public), str(output), private_key.fingerprint)
+    with temporary_beside(output, ".uuseal") as sealed_part:
+        with timer.stage("unseal"):
+            keys = _open(public, sealed_part, private_key)
+        record.video_id = keys.video_id
+        sealed = keys.sealed
+        payload_key = keys.data_key.payload_key()
+        noise_for = noise_source(keys.data_key)
+        use_crops = sealed is not None and sealed.quality != "none"
+        record.restore_path = "sealed" if use_crops else "learned"
+        record.seal = sealed.quality if sealed is not None else None
+        crops: Iterator[tuple[int, list]] = sealed.crops_by_frame() if use_crops else iter(())
+        listed: Iterator[tuple[int, list]] = sealed.rois_by_frame() if sealed is not None else iter(())
+        next_crops, next_listed = next(crops, None), next(listed, None)
+        bar = progress_bar(info.frame_count, f"reconstruct {public.name}", progress)
+        source_frames = iter_frames(source, batch_size=settings.batch_size) if source else None
+        source_buffer: list[np.ndarray] = []
+        squared_error, roi_pixels = 0.0, 0
+        has_payload: bool | None = None
+        start = time.perf_counter()
+        with writer_for(output, info, public, settings.restore_format) as writer:
+            for first, batch in timed_batches(public, settings.batch_size, timer):
+                if has_payload is None:
+                    # A lossy public file has no in-pixel payload; a lossless one has it in every frame.
+                    has_payload = sealed is None or _carries_payload(batch[0])
+                rois: list[list[Roi]] = []
+                with timer.stage("stego"):
+                    for i, frame in enumerate(batch):
+                        f = first + i
+                        frame_rois: list[Roi] = []
+                        if has_payload:
+                            try:
+                                payload = stego.extract(frame, payload_key, expected_frame_index=f,
+                                                        expected_video_id=keys.video_id)
+                                record.frames_with_payload += 1
+                                frame_rois = [Roi(f, r.seq_id, r.x, r.y, r.w, r.h, None, False) for r in payload.rois]
+                            except stego.PayloadError as err:
+                                record.frames_payload_invalid += 1
+                                if len(record.invalid_examples) < 5:
+                                    record.invalid_examples.append(f"frame {f}: {err}")
+                        else:
+                            while next_listed is not None and next_listed[0] < f:
+                                next_listed = next(listed, None)
+                            if next_listed is not None and next_listed[0] == f:
+                                frame_rois = [Roi(f, r.seq_id, r.x, r.y, r.w, r.h, None, False)
+                                              for r in next_listed[1]]
+                        rois.append(frame_rois)
+                if use_crops:
+                    with timer.stage("paste"):
+                        for i, frame in enumerate(batch):
+                            while next_crops is not None and next_crops[0] < first + i:
+                                next_crops = next(crops, None)
+                            pasted = []
+                            if next_crops is not None and next_crops[0] == first + i:
+                                for roi, pixels in next_crops[1]:
+                                    frame[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w] = pixels
+                                    pasted.append(Roi(first + i, roi.seq_id, roi.x, roi.y, roi.w, roi.h, None, False))
+                            record.rois_restored += len(pasted)
+                            rois[i] = pasted
+                else:
+                    with timer.stage("deidentify"):
+                        record.rois_restored += swapper.restore(batch, rois, noise_for)
+                if source_frames is not None:
+                    with timer.stage("compare"):
+                        while len(source_buffer) < len(batch):
+                            _, src_batch = next(source_frames)
+                            source_buffer.extend(src_batch)
+                        for frame, frame_rois in zip(batch, rois):
+                            original = source_buffer.pop(0)
+                            for r in frame_rois:
+                                a = frame[r.y : r.y + r.h, r.x : r.x + r.w].astype(np.float64)
+                                b = original[r.y : r.y + r.h, r.x : r.x + r.w].astype(np.float64)
+                                squared_error += float(((a - b) ** 2).sum())
+                                roi_pixels += a.size
+                with timer.stage("encode"):
+                    writer.write(batch)
+                record.frames += len(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        if sealed is not None:
+            record.chunks_total, record.chunks_failed = sealed.chunk_count, sealed.chunks_failed
+            record.invalid_examples += sealed.failures[: max(0, 5 - len(record.invalid_examples))]
+    record.psnr_roi = _psnr(squared_error, roi_pixels)
     timer.seconds["total"] = time.perf_counter() - start
     record.seconds = timer.seconds
     return record

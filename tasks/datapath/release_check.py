@@ -2,8 +2,9 @@
 
 The anonymizer's own bookkeeping (tracks, ROI rows, counters) is not trusted here: a bug in
 tracking, pasting or encoding would be invisible in it. Instead sampled frames of the
-written public stream are decoded, each frame's payload is read with the key to learn where
-its ROIs are, and two questions are asked:
+written public file are decoded, and where its ROIs are is read back from the file itself: from
+each frame's in-pixel payload (lossless formats) or from the sealed data attached to it
+(every format), with the video's data key. Then two questions are asked:
 
 1. Is there a face outside the ROIs? Our MTCNN and, as a second opinion trained elsewhere,
    YuNet look at the whole public frame. A face box counts as covered when its centre lies
@@ -12,8 +13,8 @@ its ROIs are, and two questions are asked:
    IoU <= 0.59 with it, and a small spurious detection inside a scrambled ROI has IoU near 0
    while being entirely hidden. Faces whose shorter side is under `MIN_FACE_SIDE` pixels are
    ignored, as the pipeline's detector ignores them (`PipelineSettings.min_face_size`).
-   A frame whose payload is missing or fails authentication has no trusted ROIs at all, so
-   every face in it is outside.
+   A frame whose payload or sealed ROI list is missing or fails authentication has no trusted
+   ROIs at all, so every face in it is outside.
 2. Is the identity still recognisable? For each ROI, SFace embeds the public crop and the
    same region of the source frame; `same_person` means the de-identification failed there.
    ROIs whose shorter side is under `MIN_IDENTITY_SIDE` are skipped: SFace has no identity
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -122,33 +123,44 @@ def _faces(boxes: np.ndarray) -> np.ndarray:
     return boxes[sides >= MIN_FACE_SIDE]
 
 
-def _trusted_rois(frame: np.ndarray, key: Key, frame_index: int) -> tuple[stego.RoiRecord, ...]:
-    """The ROIs an authentic payload names; none when the payload cannot be trusted."""
-    try:
-        return stego.extract(frame, key, expected_frame_index=frame_index).rois
-    except stego.PayloadError:
-        return ()
+RoisOf = Callable[[int, np.ndarray], Sequence[stego.RoiRecord]]  # (frame index, public frame) → trusted ROIs
+
+
+def payload_rois(key: Key) -> RoisOf:
+    """The ROIs an authentic in-pixel payload names; none when the payload cannot be trusted."""
+    def rois_of(frame_index: int, frame: np.ndarray) -> Sequence[stego.RoiRecord]:
+        try:
+            return stego.extract(frame, key, expected_frame_index=frame_index).rois
+        except stego.PayloadError:
+            return ()
+    return rois_of
+
+
+def listed_rois(rois_by_frame: Mapping[int, Sequence[stego.RoiRecord]]) -> RoisOf:
+    """The ROIs a verified list gives (the sealed data's); frames it lacks have none."""
+    return lambda frame_index, frame: rois_by_frame.get(frame_index, ())
 
 
 def check_public_stream(
     public_path: str | Path,
     source_path: str | Path,
-    key: Key,
+    rois_of: RoisOf,
     detector: BatchDetector,
     judge: SFaceJudge | None = None,
     yunet: YuNetDetector | None = None,
-    max_frames: int = 48,
-    seed: int = 0,
+    frames: Sequence[int] | None = None,
 ) -> ReleaseVerdict:
-    """Scan sampled frames of a written public stream for visible faces and recognisable identities.
+    """Scan frames of a written public stream for visible faces and recognisable identities.
 
-    detector: our MTCNN (`FaceDetector`); judge / yunet: the independent SFace and YuNet,
-    created here when not given (a worker passes its own to load them once).
+    frames: the frames to check, `sample_frames(frame_count, 48, seed)` as a rule (given, so
+    a caller can fetch just their ROIs); every frame when None. detector: our MTCNN
+    (`FaceDetector`); judge / yunet: the independent SFace and YuNet, created here when
+    not given (a worker passes its own to load them once).
     """
     start = time.perf_counter()
     yunet = yunet or (judge.detector if judge is not None else YuNetDetector())
     judge = judge or SFaceJudge(detector=yunet)
-    checked = sample_frames(probe(public_path).frame_count, max_frames, seed)
+    checked = list(frames) if frames is not None else list(range(probe(public_path).frame_count))
     outside: list[int] = []
     matches: list[int] = []
     for first in range(0, len(checked), READ_CHUNK):
@@ -157,7 +169,7 @@ def check_public_stream(
         source = read_frames(source_path, indices)
         ours = detector.detect(public)
         for frame_index, pub, src, mtcnn_boxes in zip(indices, public, source, ours):
-            rois = _trusted_rois(pub, key, frame_index)
+            rois = rois_of(frame_index, pub)
             boxes = np.concatenate([_faces(mtcnn_boxes), _faces(yunet.detect(pub))])
             if any(not is_covered(box, rois) for box in boxes):
                 outside.append(frame_index)

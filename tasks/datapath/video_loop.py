@@ -1,5 +1,5 @@
 """What the public and the private module's per-video loops share: settings, stage timer,
-progress bar, timed decoding, the lossless writer and the per-sequence noise.
+progress bar, timed decoding, the writer, temporary names and the per-sequence noise.
 
 The loops themselves are `tasks/datapath/anonymize.py` (public) and
 `tasks/datapath/reconstruct.py` (private); the Ray actor that runs them is
@@ -7,7 +7,9 @@ The loops themselves are `tasks/datapath/anonymize.py` (public) and
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.datapath.decode import VideoInfo, iter_frames
-from tasks.datapath.encode import LosslessVideoWriter
-from tasks.datapath.keys import Key, keyed_noise
+from tasks.datapath.encode import VideoWriter
+from tasks.datapath.keys import DataKey
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class PipelineSettings:
 
     model: str = "uunet"
     weights: str | None = None
-    codec: str = "x264rgb"
+    public_format: str = "h264"  # h264 (release), or lossless x264rgb / ffv1 (with the in-pixel payload)
+    seal: str = "high"  # the originals: high (>= 42 dB), exact (bit-exact), none (the paper's U_d only)
+    restore_format: str = "x264rgb"  # the authorities' working copy: lossless, so it adds no loss of its own
     batch_size: int = 16
     min_face_size: int = 20
     max_gap: int = 8
@@ -53,15 +57,29 @@ class Timer:
 
 
 
-def noise_source(key: Key, video_id: str) -> Callable[[int], np.ndarray]:
+def noise_source(data_key: DataKey) -> Callable[[int], np.ndarray]:
+    """Each sequence's noise channel, drawn once per video."""
     cache: dict[int, np.ndarray] = {}
 
     def noise_for(seq_id: int) -> np.ndarray:
         if seq_id not in cache:
-            cache[seq_id] = keyed_noise(key, video_id, seq_id)
+            cache[seq_id] = data_key.noise(seq_id)
         return cache[seq_id]
 
     return noise_for
+
+
+@contextmanager
+def temporary_beside(path: str | Path, suffix: str) -> Iterator[Path]:
+    """A hidden, unique name in `path`'s folder (same file system: the final rename is atomic), always removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".partial{suffix}")
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -90,10 +108,8 @@ def timed_batches(path: str | Path, batch_size: int, timer: Timer) -> Iterator[t
         yield item
 
 
-def writer_for(output: str | Path, info: VideoInfo, audio_from: str | Path,
-               settings: PipelineSettings) -> LosslessVideoWriter:
-    """A lossless writer with the input's size and rate, copying its audio streams if it has any."""
-    return LosslessVideoWriter(output, info.width, info.height, info.fps_rational,
-                               audio_source=str(audio_from) if info.audio_streams else None,
-                               codec=settings.codec)
+def writer_for(output: str | Path, info: VideoInfo, audio_from: str | Path, video_format: str) -> VideoWriter:
+    """A writer with the input's size and rate, copying its audio streams if it has any."""
+    return VideoWriter(output, info.width, info.height, info.fps_rational,
+                       audio_source=str(audio_from) if info.audio_streams else None, codec=video_format)
 

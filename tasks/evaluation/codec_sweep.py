@@ -31,7 +31,7 @@ from tasks.datapath import stego
 from tasks.datapath.decode import iter_frames, probe
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.encode import ffmpeg_exe
-from tasks.datapath.keys import Key, keyed_noise
+from tasks.datapath.keys import DataKey
 from tasks.datapath.track import Roi
 from tasks.evaluation.metrics import ssim
 from tasks.judges import SFaceJudge
@@ -117,7 +117,7 @@ class _Reference:
     source_crops: list[list[np.ndarray]]  # per frame, the source's pixels inside each oracle ROI
 
 
-def _reference(public_path: Path, source_path: Path, key: Key) -> _Reference:
+def _reference(public_path: Path, source_path: Path, key: DataKey) -> _Reference:
     video_id: str | None = None
     oracle_rois: list[list[Roi]] = []
     source_crops: list[list[np.ndarray]] = []
@@ -125,7 +125,8 @@ def _reference(public_path: Path, source_path: Path, key: Key) -> _Reference:
     # The source goes through decord, as in reconstruct_video, so the ffv1 row reproduces its PSNR.
     for (first, src_batch), (_, pub_batch) in zip(iter_frames(source_path, batch_size=_BATCH), public_batches):
         for i, (src, pub) in enumerate(zip(src_batch, pub_batch)):
-            payload = stego.extract(pub, key, expected_frame_index=first + i, expected_video_id=video_id)
+            payload = stego.extract(pub, key.payload_key(), expected_frame_index=first + i,
+                                    expected_video_id=video_id)
             video_id = payload.video_id
             rois = [Roi(first + i, r.seq_id, r.x, r.y, r.w, r.h, None, False) for r in payload.rois]
             oracle_rois.append(rois)
@@ -142,7 +143,7 @@ def _psnr(squared_error: float, pixels: int) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwapper, width: int,
+def _measure(name: str, path: Path, ref: _Reference, key: DataKey, swapper: FaceSwapper, width: int,
              height: int, sample_every: int, judge: SFaceJudge,
              source_embeddings: dict[tuple[int, int], np.ndarray]) -> SweepRow:
     """Extract, restore and score one re-encoded stream (timing is the caller's)."""
@@ -150,9 +151,10 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
 
     def noise_for(seq_id: int) -> np.ndarray:
         if seq_id not in noise_cache:
-            noise_cache[seq_id] = keyed_noise(key, ref.video_id, seq_id)
+            noise_cache[seq_id] = key.noise(seq_id)
         return noise_cache[seq_id]
 
+    payload_key = key.payload_key()
     frames = recovered = same = compared = 0
     ssims: list[float] = []
     error = {"payload": 0.0, "oracle": 0.0}
@@ -161,7 +163,7 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
         if index >= len(ref.oracle_rois):
             raise RuntimeError(f"{name}: more frames than the public stream")
         try:
-            payload = stego.extract(frame, key, expected_frame_index=index, expected_video_id=ref.video_id)
+            payload = stego.extract(frame, payload_key, expected_frame_index=index, expected_video_id=ref.video_id)
             rois = [Roi(index, r.seq_id, r.x, r.y, r.w, r.h, None, False) for r in payload.rois]
             recovered += 1
             has_payload = True
@@ -200,7 +202,7 @@ def _measure(name: str, path: Path, ref: _Reference, key: Key, swapper: FaceSwap
 def sweep(
     public_path: str | Path,
     source_path: str | Path,
-    key: Key,
+    key: DataKey,
     swapper: FaceSwapper,
     settings: Mapping[str, Sequence[str]] | None = None,
     sample_every: int = 4,
@@ -208,7 +210,8 @@ def sweep(
 ) -> list[SweepRow]:
     """One `SweepRow` per codec setting (default: all of `CODEC_SETTINGS`), in the given order.
 
-    `public_path` must be a lossless public stream (its payloads are the oracle ROIs);
+    `public_path` must be a lossless public stream (its payloads are the oracle ROIs) and `key`
+    its data key;
     `source_path` is the video it was made from. SFace compares source and restored ROI
     crops on every `sample_every`-th frame only: it costs far more than restoring.
     Re-encoded files live in a temporary folder that is removed afterwards.

@@ -40,9 +40,9 @@ import torch
 from catalogs.store import file_content_hash
 from tasks.datapath.deidentify import FacePair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key, keyed_noise
+from tasks.datapath.keys import DataKey
 from tasks.evaluation.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip,
-                                       to_uint8)
+                                       to_uint8, video_noise)
 from tasks.evaluation.metrics import (average_precision, bootstrap, bootstrap_two_samples, decidability,
                                       detection_matches, ks_pvalue, pearson, psnr, roc_auc, roc_curve, ssim)
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
@@ -123,8 +123,8 @@ class MethodResult:
 
 
 @torch.inference_mode()
-def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pair: FacePair, key: Key,
-                  wrong_key: Key, roi_scale: float) -> FaceSet:
+def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pair: FacePair, key: DataKey,
+                  wrong_key: DataKey, roi_scale: float) -> FaceSet:
     """Held-out faces of every clip through the model card's `run_clip`, plus sequence 1 and a rerun."""
     parts, names, subjects, frames = [], [], [], []
     for index, path in enumerate(clips):
@@ -144,8 +144,8 @@ def collect_faces(clips: Sequence[Path], stride: int, detector: FaceDetector, pa
         # the very same input, so any difference between them is the noise's doing.
         x_in = from_uint8(faces.x, pair.device)
 
-        def noise(seq_id: int, k: Key = key) -> torch.Tensor:
-            n = torch.from_numpy(keyed_noise(k, video_id, seq_id)).to(pair.device)
+        def noise(seq_id: int, k: DataKey = key) -> torch.Tensor:
+            n = torch.from_numpy(video_noise(k, video_id, seq_id)).to(pair.device)
             return n.expand(len(x_in), 1, -1, -1)
 
         a0 = to_uint8(pair.encoder(x_in, noise(SEQ_ID)))

@@ -18,7 +18,7 @@ from catalogs.store import file_content_hash
 from tasks.datapath.decode import probe, read_frames
 from tasks.datapath.deidentify import FacePair, crop_faces
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key, keyed_noise
+from tasks.datapath.keys import DataKey
 from tasks.datapath.track import Roi, head_roi
 from tasks.training.corpus import HOLDOUT_FRACTION
 
@@ -59,9 +59,18 @@ def from_uint8(faces: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(faces).to(device).permute(0, 3, 1, 2).float().div(255.0)
 
 
+def video_noise(key: DataKey, video_id: str, seq_id: int) -> np.ndarray:
+    """Sequence `seq_id`'s noise in video `video_id` when one key stands for a run's per-video data keys.
+
+    The pipeline draws a fresh data key per video; a measurement over several clips keeps
+    one seeded key and derives each clip's from it, so a rerun draws the same noise.
+    """
+    return DataKey(key.derive(f"video/{video_id}")).noise(seq_id)
+
+
 @torch.inference_mode()
-def run_clip(path: Path, stride: int, detector: FaceDetector, pair: FacePair, key: Key,
-             wrong_key: Key, roi_scale: float) -> ClipFaces:
+def run_clip(path: Path, stride: int, detector: FaceDetector, pair: FacePair, key: DataKey,
+             wrong_key: DataKey, roi_scale: float) -> ClipFaces:
     info = probe(path)
     frames = held_out_frames(info.frame_count, stride)
     images = read_frames(path, frames)
@@ -79,8 +88,8 @@ def run_clip(path: Path, stride: int, detector: FaceDetector, pair: FacePair, ke
     x = torch.cat(crops)
     video_id = file_content_hash(path)
 
-    def noise(k: Key) -> torch.Tensor:
-        return torch.from_numpy(keyed_noise(k, video_id, SEQ_ID)).to(pair.device).expand(len(x), 1, -1, -1)
+    def noise(k: DataKey) -> torch.Tensor:
+        return torch.from_numpy(video_noise(k, video_id, SEQ_ID)).to(pair.device).expand(len(x), 1, -1, -1)
 
     # The public stream holds a as 8-bit pixels (lossless codec): U_d only ever sees those.
     a = to_uint8(pair.encoder(x, noise(key)))

@@ -33,8 +33,8 @@ from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import read_frames
 from tasks.datapath.deidentify import FaceSwapper, crop_faces
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.encode import LosslessVideoWriter
-from tasks.datapath.keys import Key, keyed_noise
+from tasks.datapath.encode import VideoWriter
+from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.track import Roi
 from tasks.datapath.video_loop import PipelineSettings
@@ -121,7 +121,7 @@ def write_gallery(images: np.ndarray, sequence_of: np.ndarray, path: Path, gap: 
     blank = np.full((gap, size, size, 3), CONTEXT_GREY, dtype=np.uint8)
     frame_of = np.empty(len(images), dtype=np.int64)
     position = 0
-    with LosslessVideoWriter(path, size, size, GALLERY_FPS) as writer:
+    with VideoWriter(path, size, size, GALLERY_FPS) as writer:
         start = 0
         while start < len(images):
             stop = start + 1
@@ -158,10 +158,15 @@ def _crop(frame: np.ndarray, roi: Roi) -> np.ndarray:
     return to_uint8(crop_faces(frame, [roi], torch.device("cpu")))[0]
 
 
-def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, detector: FaceDetector,
+def run_split(rows: pd.DataFrame, work_dir: Path, *, key: DataKey, wrong_key: DataKey, detector: FaceDetector,
               swapper: FaceSwapper, settings: PipelineSettings, judge: SFaceJudge | None = None,
               run_id: str = "evaluate") -> tuple[FaceSet, GalleryRun]:
-    """The gallery clip of `rows` through both modules; the faces the pipeline replaced, read back."""
+    """The gallery clip of `rows` through both modules; the faces the pipeline replaced, read back.
+
+    `key` is the gallery video's data key (fixed, so a rerun draws the same noise), sealed to
+    a throwaway authority whose private key then restores it. Which restore path is measured
+    follows `settings.seal`: `none` measures the paper's learned U_d.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     images = load_face_images(rows)
     seq_keys = (rows["dataset"].astype(str) + "/" + rows["sequence_id"].astype(str)).to_numpy()
@@ -172,11 +177,13 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
     video_id = gallery_id(rows)
     catalog = CatalogStore(work_dir / "catalogs")
     public = work_dir / "public.mkv"
-    record = anonymize_video(source, public, key=key, video_id=video_id, detector=detector, swapper=swapper,
-                             settings=settings, run_id=run_id, catalog=catalog, progress=False, judge=judge)
+    authority = parse_private_key(generate_key_pair()[0])
+    record = anonymize_video(source, public, recipients=[authority.public], video_id=video_id, detector=detector,
+                             swapper=swapper, settings=settings, run_id=run_id, catalog=catalog, progress=False,
+                             judge=judge, data_key=key)
     restored = [work_dir / f"restored{i}.mkv" for i in (1, 2)]
-    restores = [reconstruct_video(public, path, key=key, swapper=swapper, settings=settings, source=source,
-                                  progress=False) for path in restored]
+    restores = [reconstruct_video(public, path, private_key=authority, swapper=swapper, settings=settings,
+                                  source=source, progress=False) for path in restored]
 
     rois = rois_by_frame(catalog, video_id)
     square = head_square()
@@ -199,7 +206,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
             a.append(_crop(pub[i], roi))
             r.append(_crop(rest1[i], roi))
             if roi.seq_id not in wrong_noise:
-                wrong_noise[roi.seq_id] = keyed_noise(wrong_key, video_id, roi.seq_id)
+                wrong_noise[roi.seq_id] = wrong_key.noise(roi.seq_id)
             # The private module's own restore code, only with the wrong key's noise.
             frame = pub[i].copy()
             swapper.restore([frame], [[roi]], lambda seq_id: wrong_noise[seq_id])
@@ -210,7 +217,7 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: Key, wrong_key: Key, d
     names = sorted(set(subject_ids[kept]))
     index = {name: i for i, name in enumerate(names)}
     x_arr = _stack(x)
-    a_seq0, a_seq1 = _virtual_sequences(swapper, x_arr, [roi for _, roi in picked], key, video_id)
+    a_seq0, a_seq1 = _virtual_sequences(swapper, x_arr, [roi for _, roi in picked], key)
     genders = rows["gender"].to_numpy(dtype=float, na_value=np.nan) if "gender" in rows else None
     faces = FaceSet(
         subjects=np.array([index[subject_ids[row]] for row in kept], dtype=np.int64),
@@ -235,8 +242,8 @@ def _stack(faces: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.inference_mode()
-def _virtual_sequences(swapper: FaceSwapper, x: np.ndarray, rois: list[Roi], key: Key,
-                       video_id: str) -> tuple[np.ndarray, np.ndarray]:
+def _virtual_sequences(swapper: FaceSwapper, x: np.ndarray, rois: list[Roi],
+                       key: DataKey) -> tuple[np.ndarray, np.ndarray]:
     """U_e on the same x with the face's own sequence noise and with another sequence's."""
     if not len(x):
         return x.copy(), x.copy()
@@ -244,7 +251,7 @@ def _virtual_sequences(swapper: FaceSwapper, x: np.ndarray, rois: list[Roi], key
     x_in = from_uint8(x, pair.device)
 
     def noise(offset: int) -> torch.Tensor:
-        maps = np.stack([keyed_noise(key, video_id, r.seq_id + offset) for r in rois])
+        maps = np.stack([key.noise(r.seq_id + offset) for r in rois])
         return torch.from_numpy(maps).unsqueeze(1).to(pair.device)
 
     return to_uint8(pair.encoder(x_in, noise(0))), to_uint8(pair.encoder(x_in, noise(VIRTUAL_SEQ_OFFSET)))

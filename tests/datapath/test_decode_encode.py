@@ -13,7 +13,7 @@ import pytest
 
 from tasks.datapath.decode import (VideoDecodeError, count_audio_streams, fps_to_rational, iter_frames, probe,
                                    read_frames)
-from tasks.datapath.encode import LOSSLESS_CODECS, LosslessVideoWriter, VideoEncodeError, ffmpeg_exe
+from tasks.datapath.encode import LOSSLESS_CODECS, VideoWriter, VideoEncodeError, ffmpeg_exe
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 WOLFGANG = SAMPLES / "WolfgangLanger_Pexels.mp4"
@@ -31,7 +31,7 @@ SOURCE_FINGERPRINTS = {path: _fingerprint(path) for path in (WOLFGANG, SINGLE_FA
 
 
 def _encode(path: Path, frames: np.ndarray, fps: str, codec: str = "x264rgb", audio: Path | None = None) -> Path:
-    with LosslessVideoWriter(path, frames.shape[2], frames.shape[1], fps, audio_source=audio, codec=codec) as writer:
+    with VideoWriter(path, frames.shape[2], frames.shape[1], fps, audio_source=audio, codec=codec) as writer:
         writer.write(frames[:3])  # a batch, a single frame, then the rest
         writer.write(frames[3])
         writer.write(frames[4:])
@@ -127,7 +127,7 @@ def test_audio_is_copied_untouched(tmp_path: Path, source: Path, streams: int) -
 def test_failure_inside_with_leaves_no_file(tmp_path: Path, wolfgang_head: np.ndarray) -> None:
     out = tmp_path / "nested" / "public.mkv"
     with pytest.raises(RuntimeError, match="detector crashed"):
-        with LosslessVideoWriter(out, 640, 360, "24000/1001") as writer:
+        with VideoWriter(out, 640, 360, "24000/1001") as writer:
             writer.write(wolfgang_head)
             assert not out.exists()  # nothing at the final path until close()
             raise RuntimeError("detector crashed")
@@ -135,14 +135,14 @@ def test_failure_inside_with_leaves_no_file(tmp_path: Path, wolfgang_head: np.nd
 
 
 def test_writer_rejects_bad_frames_and_reports_ffmpeg_errors(tmp_path: Path) -> None:
-    writer = LosslessVideoWriter(tmp_path / "a.mkv", 64, 48, "25/1")
+    writer = VideoWriter(tmp_path / "a.mkv", 64, 48, "25/1")
     with pytest.raises(TypeError, match="uint8"):
         writer.write(np.zeros((48, 64, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="H=48, W=64"):
         writer.write(np.zeros((2, 48, 63, 3), dtype=np.uint8))
     writer.abort()
 
-    broken = LosslessVideoWriter(tmp_path / "b.mkv", 64, 48, "25/1", audio_source=tmp_path / "missing.mp4")
+    broken = VideoWriter(tmp_path / "b.mkv", 64, 48, "25/1", audio_source=tmp_path / "missing.mp4")
     with pytest.raises(VideoEncodeError, match="missing.mp4"):
         for _ in range(100):  # ffmpeg exits at once; the pipe breaks within a few writes
             broken.write(np.zeros((10, 48, 64, 3), dtype=np.uint8))

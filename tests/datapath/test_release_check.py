@@ -14,9 +14,9 @@ from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import probe, read_frames
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.encode import LosslessVideoWriter
-from tasks.datapath.keys import Key
-from tasks.datapath.release_check import check_public_stream, is_covered, sample_frames
+from tasks.datapath.encode import VideoWriter
+from tasks.datapath.keys import DataKey, Key, generate_key_pair, parse_public_key
+from tasks.datapath.release_check import check_public_stream, is_covered, payload_rois, sample_frames
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.judges import SFaceJudge
 
@@ -62,13 +62,15 @@ def anonymized(clips, judge, tmp_path_factory):
     out = tmp_path_factory.mktemp("release")
     # A fixed key: the virtual faces depend on the keyed noise, and a test must not pass or
     # fail with the draw of a random key.
-    key = Key(hashlib.sha256(b"release-check-test-key").digest())
+    data_key = DataKey(hashlib.sha256(b"release-check-test-key").digest())
     detector = FaceDetector(batch_size=8)
-    record = anonymize_video(clips["wolfgang"], out / "public.mkv", key=key, video_id="da" * 32,
+    # Lossless, so the tampering below can re-sign in-pixel payloads.
+    record = anonymize_video(clips["wolfgang"], out / "public.mkv",
+                             recipients=[parse_public_key(generate_key_pair()[1])], video_id="da" * 32,
                              detector=detector, swapper=FaceSwapper(load_face_pair("uunet", None)),
-                             settings=PipelineSettings(batch_size=8), run_id="r", judge=judge,
-                             progress=False)
-    return dict(out=out, key=key, detector=detector, record=record)
+                             settings=PipelineSettings(batch_size=8, public_format="x264rgb"), run_id="r",
+                             judge=judge, progress=False, data_key=data_key)
+    return dict(out=out, key=data_key.payload_key(), detector=detector, record=record)
 
 
 def test_a_normally_anonymized_clip_passes(anonymized):
@@ -85,24 +87,25 @@ def _tamper(public: Path, source: Path, dest: Path, key: Key) -> None:
     frames = read_frames(public, range(info.frame_count))
     original = read_frames(source, [LEAKED])[0]
     leaked = stego.extract(frames[LEAKED], key, expected_frame_index=LEAKED)
+    envelope = stego.read_envelope(frames[LEAKED])[0]  # before the paste overwrites carrier bits
     for r in leaked.rois:
         frames[LEAKED][r.y : r.y + r.h, r.x : r.x + r.w] = original[r.y : r.y + r.h, r.x : r.x + r.w]
-    frames[LEAKED] = stego.embed(frames[LEAKED], leaked, key)  # still an authentic payload
+    frames[LEAKED] = stego.embed(frames[LEAKED], leaked, key, envelope)  # still an authentic payload
     unlisted = stego.extract(frames[UNLISTED], key, expected_frame_index=UNLISTED)
     real = read_frames(source, [UNLISTED])[0]
     for r in unlisted.rois:
         frames[UNLISTED][r.y : r.y + r.h, r.x : r.x + r.w] = real[r.y : r.y + r.h, r.x : r.x + r.w]
     frames[UNLISTED] = stego.embed(frames[UNLISTED], stego.FramePayload(
-        UNLISTED, unlisted.video_id, key.key_id, ()), key)
-    with LosslessVideoWriter(dest, info.width, info.height, info.fps_rational) as writer:
+        UNLISTED, unlisted.video_id, key.key_id, ()), key, envelope)
+    with VideoWriter(dest, info.width, info.height, info.fps_rational) as writer:
         writer.write(frames)
 
 
 def test_a_leaked_face_and_an_unlisted_face_are_flagged_at_their_frames(anonymized, clips, judge):
     out, key = anonymized["out"], anonymized["key"]
     _tamper(out / "public.mkv", clips["wolfgang"], out / "tampered.mkv", key)
-    verdict = check_public_stream(out / "tampered.mkv", clips["wolfgang"], key, anonymized["detector"],
-                                  judge=judge, max_frames=48)
+    verdict = check_public_stream(out / "tampered.mkv", clips["wolfgang"], payload_rois(key), anonymized["detector"],
+                                  judge=judge, frames=sample_frames(24, 48))
     assert verdict.checked_frames == list(range(24))
     assert verdict.identity_match_frames == [LEAKED]
     assert verdict.face_outside_frames == [UNLISTED]
@@ -117,7 +120,8 @@ def test_the_videos_row_carries_the_review_and_the_catalog_keeps_it(tmp_path):
     source = tmp_path / "cam.mp4"
     source.write_bytes(b"x")
     record = dict(width=640, height=360, frame_count=24, fps=24.0, fps_rational="24/1", audio_streams=0,
-                  faces=24, sequences=1, frames_with_faces=24, output_path="out.mkv",
+                  faces=24, sequences=1, frames_with_faces=24, output_path="out.mkv", public_bytes=10,
+                  sealed_bytes=4, seal_min_psnr_db=44.5,
                   seconds={"total": 2.0}, needs_review=True, review_frames=[5, 17],
                   review_reason="identity still recognisable at frames 5,17")
     row = _video_row("r1", source, "ab", PipelineSettings(), "0" * 16,
@@ -127,3 +131,5 @@ def test_the_videos_row_carries_the_review_and_the_catalog_keeps_it(tmp_path):
     (back,) = store.read("videos").to_dict("records")
     assert (back["status"], back["review_frames"], back["review_reason"]) == (
         "needs_review", "5,17", "identity still recognisable at frames 5,17")
+    assert (back["public_format"], back["seal"], back["recipients"], back["sealed_bytes"]) == (
+        "h264", "high", "0" * 16, 4)

@@ -15,7 +15,7 @@ import pytest
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import probe
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.codec_sweep import CODEC_SETTINGS, SweepRow, format_table, reencode, sweep
@@ -35,13 +35,16 @@ class FixedHeadDetector:
 @pytest.fixture(scope="module")
 def swept(clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("codec-sweep")
-    key = Key(secrets.token_bytes(32))
-    settings = PipelineSettings(model="keyed-permutation", batch_size=8, roi_scale=1.0)
+    key = DataKey(secrets.token_bytes(32))
+    authority = parse_private_key(generate_key_pair()[0])
+    # The sweep measures the learned path's robustness: lossless public file, nothing sealed.
+    settings = PipelineSettings(model="keyed-permutation", batch_size=8, roi_scale=1.0, public_format="x264rgb",
+                                seal="none")
     swapper = FaceSwapper(load_face_pair("keyed-permutation", None))
-    record = anonymize_video(clips["carphone"], out / "public.mkv", key=key, video_id="5e" * 32,
-                             detector=FixedHeadDetector(), swapper=swapper, settings=settings,
-                             run_id="r", progress=False)
-    lossless = reconstruct_video(out / "public.mkv", out / "restored.mkv", key=key, swapper=swapper,
+    record = anonymize_video(clips["carphone"], out / "public.mkv", recipients=[authority.public],
+                             video_id="5e" * 32, detector=FixedHeadDetector(), swapper=swapper, settings=settings,
+                             run_id="r", progress=False, data_key=key)
+    lossless = reconstruct_video(out / "public.mkv", out / "restored.mkv", private_key=authority, swapper=swapper,
                                  settings=settings, source=clips["carphone"], progress=False)
     rows = sweep(out / "public.mkv", clips["carphone"], key, swapper,
                  settings={name: CODEC_SETTINGS[name] for name in TESTED}, sample_every=4)

@@ -17,7 +17,7 @@ import torch
 from catalogs import CatalogStore
 from tasks.datapath.deidentify import DEFAULT_WEIGHTS, load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import DataKey
 from tasks.evaluation.baselines import BASELINES
 from tasks.evaluation.evaluate import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
                                        truth_box)
@@ -40,7 +40,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def evaluated(clips, one_thread):
     rng = np.random.default_rng(7)
-    key, wrong_key = Key(rng.bytes(32)), Key(rng.bytes(32))
+    key, wrong_key = DataKey(rng.bytes(32)), DataKey(rng.bytes(32))
     detector = FaceDetector(batch_size=8)
     pair = load_face_pair("uunet", None)
     faces = collect_faces([clips["wolfgang"], clips["carphone"]], 1, detector, pair, key, wrong_key, ROI_SCALE)
@@ -143,6 +143,10 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert faces["controls"]["keep-gender"]["s"] == "id -1, gender 1, age_group 0"
     assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
     assert summary["codec"][0]["payload_recovery"] == 1.0
+    high, exact = summary["sealed"]  # the sealed path through the real modules, beside the learned one
+    assert (high["quality"], exact["quality"]) == ("high", "exact") and high["faces"] == exact["faces"] > 0
+    assert exact["exact_fraction"] == 1.0 and exact["psnr_db"] is None  # inf: strict JSON null
+    assert high["psnr_db"] >= 42 and high["sface_same"] == 1.0 and high["judged"] > 0 and high["chunks_failed"] == 0
     metrics = CatalogStore(out / "catalogs").read("metrics")
     assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
     assert set(metrics["method"]) >= {OURS, *BASELINES, f"{OURS}:keep-gender"}
@@ -156,6 +160,7 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
     assert (out / "headline.md").read_text() in text and "| measure | x | ours | blur | superpixel |" in text
+    assert "**Reversal from the sealed originals**" in text and "| sealed (exact) | h264 |" in text
 
 
 def test_sequence_environment_pairs_other_sequences_of_one_subject():

@@ -19,7 +19,7 @@ from catalogs import CatalogStore
 from tasks.datapath.decode import probe, read_frames
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import Key
+from tasks.datapath.keys import DataKey
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.evaluate import Judges, compare_controls, control_label, evaluate_methods
 from tasks.evaluation.held_out import CONTEXT_GREY, in_context
@@ -58,10 +58,12 @@ def corpus(clips, detector, tmp_path_factory) -> Path:
 def split_run(corpus, detector, tmp_path_factory):
     rows = select_split(CatalogStore(corpus / "catalogs").read("faces"), "test", 10, 3)
     rng = np.random.default_rng(11)
-    key, wrong = Key(rng.bytes(32)), Key(rng.bytes(32))
+    key, wrong = DataKey(rng.bytes(32)), DataKey(rng.bytes(32))
     swapper = FaceSwapper(load_face_pair("uunet", None))
     faces, run = run_split(rows, tmp_path_factory.mktemp("split"), key=key, wrong_key=wrong, detector=detector,
-                           swapper=swapper, settings=PipelineSettings(batch_size=8), judge=SFaceJudge())
+                           swapper=swapper,
+                           settings=PipelineSettings(batch_size=8, public_format="x264rgb", seal="none"),
+                           judge=SFaceJudge())
     return rows, faces, run
 
 

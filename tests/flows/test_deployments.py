@@ -34,3 +34,11 @@ def test_anonymize_is_scheduled_nightly_and_reconstruct_never():
     assert _flow(nightly.entrypoint).name == "anonymize-archive"
     assert not deployments["reconstruct"].schedules
     assert _flow(deployments["reconstruct"].entrypoint).name == "reconstruct-public-streams"
+
+
+def test_the_nightly_host_is_given_public_keys_only_and_reconstruct_the_private_one():
+    deployments = {d.name: d for d in _config().deployments}
+    nightly, private = deployments["nightly-anonymize"].parameters, deployments["reconstruct"].parameters
+    assert nightly["public_keys"] and all(str(p).endswith(".pub") for p in nightly["public_keys"])
+    assert not any("private" in name or str(value).endswith(".key") for name, value in nightly.items())
+    assert str(private["private_key"]).endswith(".key")

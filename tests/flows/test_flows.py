@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from catalogs import CatalogStore
+from catalogs.audit import verify_audit_chain
 from flows.anonymize import anonymize_archive
 from flows.reconstruct import reconstruct_streams
 from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.keys import KeyFileError, write_key_pair
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +29,16 @@ def archive(clips, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(archive, tmp_path_factory, prefect_harness, ray_session):
     out = tmp_path_factory.mktemp("out")
-    key_file = out.parent / f"{out.name}.key"
+    # The authority keeps its private key elsewhere: the anonymizer is handed the .pub alone.
+    authority = tmp_path_factory.mktemp("authority")
+    nightly = tmp_path_factory.mktemp("nightly-host")
+    public = write_key_pair(authority / "authority.key", authority / "authority.pub")
+    (authority / "authority.pub").rename(nightly / "authority.pub")
     before = {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()}
-    rows = anonymize_archive(str(archive), str(out), key_file=str(key_file), model="keyed-permutation",
-                             workers=1)
-    return dict(out=out, key_file=key_file, rows=rows, before=before)
+    rows = anonymize_archive(str(archive), str(out), public_keys=[str(nightly / "authority.pub")],
+                             model="keyed-permutation", workers=1)
+    return dict(out=out, private_key=authority / "authority.key", public_key=nightly / "authority.pub",
+                fingerprint=public.fingerprint, rows=rows, before=before)
 
 
 def test_every_video_is_anonymized_into_the_same_relative_path(first_run, archive):
@@ -71,18 +78,24 @@ def test_catalogs_hold_rois_sequences_and_the_run(first_run):
     assert (run["n_videos"], run["n_done"], run["n_failed"], run["status"]) == (3, 2, 1, "failed")
 
 
-def test_the_key_file_is_created_private(first_run):
-    assert first_run["key_file"].stat().st_mode & 0o777 == 0o600
-    secret = first_run["key_file"].read_text().strip()
-    catalog_dir = first_run["out"] / "catalogs"
-    assert not any(secret in p.read_bytes().decode("latin-1") for p in catalog_dir.rglob("*.parquet"))
+def test_only_fingerprints_reach_the_catalogs_and_the_public_files_are_sealed_to_them(first_run):
+    catalog = CatalogStore(first_run["out"] / "catalogs")
+    videos = catalog.read("videos")
+    done = videos[videos["status"] == "done"]
+    assert set(done["recipients"]) == {first_run["fingerprint"]}
+    assert set(done["public_format"]) == {"h264"} and set(done["seal"]) == {"high"}
+    assert (done["sealed_bytes"] > 0).all() and (done["public_bytes"] > done["sealed_bytes"]).all()
+    key_body = b"".join(first_run["private_key"].read_bytes().splitlines()[1:-1])
+    for p in (first_run["out"] / "catalogs").rglob("*.parquet"):
+        assert key_body not in p.read_bytes()
+    assert (first_run["out"] / "public" / "cam1" / "entrance.mkv").stat().st_mode & 0o777 == 0o644
 
 
 def test_a_second_run_processes_nothing_and_duplicates_nothing(first_run, archive):
     out = first_run["out"]
     catalog = CatalogStore(out / "catalogs")
     n_videos = len(catalog.read("videos"))
-    rows = anonymize_archive(str(archive), str(out), key_file=str(first_run["key_file"]),
+    rows = anonymize_archive(str(archive), str(out), public_keys=[str(first_run["public_key"])],
                              model="keyed-permutation", workers=1)
     assert sorted(r["status"] for r in rows) == ["skipped (done before)"] * 2 + ["skipped (failed before)"]
     assert len(catalog.read("videos")) == n_videos
@@ -91,16 +104,40 @@ def test_a_second_run_processes_nothing_and_duplicates_nothing(first_run, archiv
 
 def test_reconstruct_flow_restores_from_the_public_streams_alone(first_run, archive):
     out = first_run["out"]
-    rows = reconstruct_streams(str(out / "public"), str(out), key_file=str(first_run["key_file"]),
+    rows = reconstruct_streams(str(out / "public"), str(out), private_key=str(first_run["private_key"]),
                                model="keyed-permutation", workers=1)
     assert sorted(r["status"] for r in rows) == ["done", "done"]
     assert [r["release"] for r in rows] == ["passed", "passed"], "the anonymize run's release check, via the catalog"
+    assert [r["restore_path"] for r in rows] == ["sealed", "sealed"]
+    assert all(r["chunks"] and r["chunks"].split("/")[0] == r["chunks"].split("/")[1] for r in rows)
     restored = out / "reconstructed" / "cam1" / "entrance.mkv"
     assert probe(restored).frame_count == 24 and probe(restored).audio_streams == 1
     audit = CatalogStore(out / "catalogs").read("audit")
-    assert len(audit) == 2 and (audit["frames_payload_invalid"] == 0).all()
-    assert audit["psnr_roi"].notna().all(), "the catalog led the flow to the sources"
+    assert len(audit) == 2 and (audit["chunks_failed"] == 0).all()
+    assert set(audit["key_fingerprint"]) == {first_run["fingerprint"]} and audit["host"].notna().all()
+    assert (audit["psnr_roi"] >= 42).all(), "the catalog led the flow to the sources; sealed faces within 42 dB"
     source = read_frames(archive / "cam1" / "entrance.mp4", [0])[0].astype(int)
     public = read_frames(out / "public" / "cam1" / "entrance.mkv", [0])[0].astype(int)
     rebuilt = read_frames(restored, [0])[0].astype(int)
     assert np.abs(rebuilt - source).mean() < np.abs(public - source).mean()
+    assert verify_audit_chain(CatalogStore(out / "catalogs")) is None
+
+
+def test_a_key_that_is_no_recipient_fails_each_video_clearly_and_writes_nothing(first_run, tmp_path):
+    out = first_run["out"]
+    write_key_pair(tmp_path / "stranger.key", tmp_path / "stranger.pub")
+    rows = reconstruct_streams(str(out / "public"), str(tmp_path / "restore"),
+                               private_key=str(tmp_path / "stranger.key"), model="keyed-permutation", workers=1)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("NotARecipientError" in r["error"] and first_run["fingerprint"] in r["error"] for r in rows)
+    assert not (tmp_path / "restore" / "reconstructed").exists() or not list(
+        (tmp_path / "restore" / "reconstructed").rglob("*.mkv"))
+    audit = CatalogStore(tmp_path / "restore" / "catalogs").read("audit")
+    assert list(audit["status"]) == ["failed", "failed"] and list(audit["restore_path"]) == ["none", "none"]
+
+
+def test_a_public_key_given_as_the_private_key_is_refused_before_any_work(first_run, tmp_path):
+    with pytest.raises(KeyFileError, match="is a public key"):
+        reconstruct_streams(str(first_run["out"] / "public"), str(tmp_path), private_key=str(first_run["public_key"]),
+                            model="keyed-permutation", workers=1)
+    assert not (tmp_path / "catalogs").exists()

@@ -1,0 +1,109 @@
+"""Reversal from the sealed originals, through the real public and private modules, judged by
+the same independent recognizers as the learned path.
+
+For each clip, its held-out part (the last quarter, as for the learned path) is cut as a
+source of its own; the public module writes it in the release format with the originals
+sealed at one quality, and the private module restores it with the authority's private
+key into the lossless working copy. Every ROI of every frame is then compared with the
+source as decoded, at frame resolution: pooled PSNR inside the ROIs, the share that came
+back bit-exact, and on every `stride`-th frame SFace's and dlib's verdict on (source crop,
+restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catalogs import CatalogStore
+from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.deidentify import FaceSwapper
+from tasks.datapath.detect import FaceDetector
+from tasks.datapath.encode import ffmpeg_exe
+from tasks.datapath.keys import generate_key_pair, parse_private_key
+from tasks.datapath.reconstruct import reconstruct_video
+from tasks.datapath.release_check import MIN_IDENTITY_SIDE
+from tasks.datapath.video_loop import PipelineSettings
+from tasks.evaluation.held_out import HELD_OUT_FRACTION
+from tasks.judges import DlibJudge, SFaceJudge
+
+_READ_CHUNK = 16
+
+
+@dataclass
+class SealedReversal:
+    quality: str
+    public_format: str
+    clips: int
+    faces: int  # ROIs restored, every frame
+    psnr_db: float  # pooled over every ROI pixel; inf when all exact
+    exact_fraction: float  # ROIs whose every pixel came back
+    judged: int  # ROIs SFace and dlib compared
+    sface_same: float
+    dlib_same: float
+    chunks_failed: int
+
+
+def held_out_part(source: Path, dest: Path) -> Path:
+    """The last HELD_OUT_FRACTION of `source`'s frames, near-losslessly (x264 qp 0), no audio."""
+    first = math.floor(probe(source).frame_count * (1 - HELD_OUT_FRACTION))
+    # setpts restarts the clock: Matroska's duration tag must match the frames kept.
+    select = f"select=gte(n\\,{first}),setpts=PTS-STARTPTS"
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-an",
+                    "-vf", select, "-fps_mode", "passthrough", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
+                    str(dest)], check=True, capture_output=True)
+    return dest
+
+
+def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetector, swapper: FaceSwapper,
+                            sface: SFaceJudge, dlib: DlibJudge, base: PipelineSettings,
+                            stride: int = 2) -> SealedReversal:
+    settings = PipelineSettings(**{**base.__dict__, "public_format": "h264", "seal": quality})
+    authority = parse_private_key(generate_key_pair()[0])
+    faces = exact = judged = sface_same = dlib_same = chunks_failed = 0
+    squared_error, pixels = 0.0, 0
+    with tempfile.TemporaryDirectory(prefix="uunet-eval-sealed-") as tmp:
+        for index, clip in enumerate(clips):
+            work = Path(tmp) / f"clip{index}"
+            work.mkdir()
+            source = held_out_part(Path(clip), work / "source.mkv")
+            catalog = CatalogStore(work / "catalogs")
+            video_id = f"{index:064x}"
+            anonymize_video(source, work / "public.mkv", recipients=[authority.public], video_id=video_id,
+                            detector=detector, swapper=swapper, settings=settings, run_id="evaluate",
+                            catalog=catalog, progress=False, judge=sface)
+            restored = reconstruct_video(work / "public.mkv", work / "restored.mkv", private_key=authority,
+                                         swapper=swapper, settings=settings, progress=False)
+            chunks_failed += restored.chunks_failed
+            rois = catalog.read("rois")
+            by_frame: dict[int, list[tuple[int, int, int, int]]] = {}
+            for r in rois.itertuples():
+                by_frame.setdefault(int(r.frame_index), []).append((int(r.x), int(r.y), int(r.w), int(r.h)))
+            frames = sorted(by_frame)
+            for start in range(0, len(frames), _READ_CHUNK):
+                chunk = frames[start:start + _READ_CHUNK]
+                for f, src, back in zip(chunk, read_frames(source, chunk), read_frames(work / "restored.mkv", chunk)):
+                    for x, y, w, h in by_frame[f]:
+                        a = src[y:y + h, x:x + w]
+                        b = np.ascontiguousarray(back[y:y + h, x:x + w])
+                        diff = a.astype(np.float64) - b.astype(np.float64)
+                        squared_error += float((diff ** 2).sum())
+                        pixels += diff.size
+                        faces += 1
+                        exact += bool(np.array_equal(a, b))
+                        if f % stride == 0 and min(w, h) >= MIN_IDENTITY_SIDE:
+                            judged += 1
+                            a = np.ascontiguousarray(a)
+                            sface_same += sface.same_person(sface.embed(a), sface.embed(b))
+                            dlib_same += dlib.same_person(dlib.embed(a), dlib.embed(b))
+    mse = squared_error / max(pixels, 1)
+    return SealedReversal(
+        quality=quality, public_format=settings.public_format, clips=len(clips), faces=faces,
+        psnr_db=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
+        exact_fraction=exact / max(faces, 1), judged=judged, sface_same=sface_same / max(judged, 1),
+        dlib_same=dlib_same / max(judged, 1), chunks_failed=chunks_failed)
