@@ -2,7 +2,7 @@
 README ("Layout") and enforced by tests/test_layering.py.
 
 - `datapath/`: the paper's Fig. 2 as software, one stage per module (decode, detect, track,
-  deidentify, stego, encode, keys, release_check), the per-video loops of the public and the
+  seal, deidentify, stego, encode, keys, release_check), the per-video loops of the public and the
   private module (`anonymize`, `reconstruct`) and the Ray actor that runs them (`ray_actor`).
 - `judges.py`: networks we did not train (SFace, YuNet, dlib, a gender classifier), which
   both the release check and the evaluation ask for a second opinion.
