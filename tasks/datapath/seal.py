@@ -53,7 +53,10 @@ MAGIC = b"UUSEAL1\n"
 FORMAT = "uunet-seal/1"
 QUALITIES = ("high", "exact", "none")
 CHUNK_FRAMES = 128  # crops per chunk: one ffmpeg run per chunk, bounded memory per live sequence
-CHUNK_MAX_BYTES = 24 * 1024 * 1024  # raw crop bytes per chunk (large faces in 4K end chunks early)
+# Canvas bytes per chunk: large faces end chunks early. 24 MB cut the Wolfgang clip's 400 px
+# faces into 55-frame chunks, and their keyframes cost a fifth of the sealed bytes (2.86 MB
+# against 2.26 MB at 64 MB).
+CHUNK_MAX_BYTES = 64 * 1024 * 1024
 ROI_BLOCK_FRAMES = 256
 # Chunks encoded in the background while the caller detects and de-identifies; at most this
 # many wait, so memory stays bounded when encoding falls behind.
@@ -62,10 +65,12 @@ HIGH_MIN_PSNR_DB = 42.0
 # x264 CRF for `high`, tried in order until a chunk's ROI pixels are, pooled, within
 # HIGH_MIN_PSNR_DB of the originals (then lossless); pooled per chunk, so pooled over any
 # video too. A sequence's next chunk starts at the step its last one needed, so most chunks
-# are encoded once. Measured on the bundled Wolfgang clip (faces ~400 px, 472 frames):
-# 8-bit CRF 18 42.0 dB / 2.25 MB, CRF 14 42.9 dB / 3.0 MB; 10-bit CRF 18 42.6 dB / 2.23 MB;
-# `-tune psnr` saved a quarter of the bits at equal PSNR; x265 was no smaller at equal PSNR.
-HIGH_CRF_STEPS = (20, 18, 16, 14, 11, 8)
+# are encoded once; steps of one CRF keep the overshoot small (steps of two: 43.3 dB pooled
+# for 2.86 MB; of one: 42.8 dB for 2.56 MB). Measured on the bundled Wolfgang clip (faces
+# ~400 px, 472 frames): 8-bit CRF 18 42.0 dB / 2.25 MB, CRF 14 42.9 dB / 3.0 MB; 10-bit
+# CRF 18 42.6 dB / 2.23 MB; `-tune psnr` saved a quarter of the bits at equal PSNR; x265
+# was no smaller at equal PSNR.
+HIGH_CRF_STEPS = (20, 19, 18, 17, 16, 15, 14, 12, 10, 8)
 _MIN_SIDE = 16  # x264 wants at least one macroblock
 _LENGTH = 4
 _MAX_HEADER = 16 * 1024 * 1024
@@ -202,7 +207,7 @@ class SealWriter:
         self._roi_blocks = 0
         self._last_frame = -1
         self._crf_step: dict[int, int] = {}  # per sequence: the HIGH_CRF_STEPS index its last chunk needed
-        self._video_step = 1
+        self._video_step = 0
         # One ffmpeg at a time beside the caller's work; chunks are written in the order they were cut.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
         self._pending: collections.deque[Future] = collections.deque()
