@@ -32,9 +32,6 @@ from tasks.datapath.track import Roi
 from tasks.datapath.video_loop import (PipelineSettings, Timer, noise_source, progress_bar, temporary_beside,
                                        timed_batches, writer_for)
 
-RESTORE_PATHS = ("sealed", "learned", "none")
-
-
 class NothingToRestore(Exception):
     """A public file that holds neither sealed data nor an in-pixel payload."""
 
@@ -167,8 +164,7 @@ def reconstruct_video(
                             while next_listed is not None and next_listed[0] < f:
                                 next_listed = next(listed, None)
                             if next_listed is not None and next_listed[0] == f:
-                                frame_rois = [Roi(f, r.seq_id, r.x, r.y, r.w, r.h, None, False)
-                                              for r in next_listed[1]]
+                                frame_rois = next_listed[1]
                         rois.append(frame_rois)
                 if use_crops:
                     with timer.stage("paste"):
@@ -179,7 +175,7 @@ def reconstruct_video(
                             if next_crops is not None and next_crops[0] == first + i:
                                 for roi, pixels in next_crops[1]:
                                     frame[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w] = pixels
-                                    pasted.append(Roi(first + i, roi.seq_id, roi.x, roi.y, roi.w, roi.h, None, False))
+                                    pasted.append(roi)
                             record.rois_restored += len(pasted)
                             rois[i] = pasted
                 else:

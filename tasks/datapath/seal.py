@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tasks.datapath.encode import ffmpeg_exe
 from tasks.datapath.keys import DataKey, WrappedKey, envelope_from_bytes, envelope_to_bytes
+from tasks.datapath.track import Roi
 
 MAGIC = b"UUSEAL1\n"
 FORMAT = "uunet-seal/1"
@@ -85,14 +86,9 @@ class SealError(Exception):
     """A sealed file that cannot be read at all (not one, or a header that is damaged)."""
 
 
-@dataclass(frozen=True)
-class SealedRoi:
-    frame_index: int
-    seq_id: int
-    x: int
-    y: int
-    w: int
-    h: int
+def _roi(frame_index: int, seq_id: int, x: int, y: int, w: int, h: int) -> Roi:
+    """A sealed box as the tracker's Roi (no detector score: it was sealed, not detected)."""
+    return Roi(int(frame_index), int(seq_id), int(x), int(y), int(w), int(h), None, False)
 
 
 def _u32(n: int) -> bytes:
@@ -456,13 +452,13 @@ class SealedVideo:
             self.failures.append(f"{ref.kind} record seq {ref.seq} index {ref.index} failed authentication")
             return None
 
-    def roi_lists(self, frames: Iterable[int] | None = None) -> dict[int, list[SealedRoi]]:
+    def roi_lists(self, frames: Iterable[int] | None = None) -> dict[int, list[Roi]]:
         """The ROIs of `frames` (every frame when None) from the verified `rois` records.
 
         Frames without ROIs are absent. Only the records that span a wanted frame are read.
         """
         wanted = None if frames is None else set(frames)
-        rois: dict[int, list[SealedRoi]] = {}
+        rois: dict[int, list[Roi]] = {}
         for ref in self.records:
             if ref.kind != "rois" or (wanted is not None and not any(ref.first <= f <= ref.last for f in wanted)):
                 continue
@@ -470,17 +466,17 @@ class SealedVideo:
                 continue
             for frame_index, boxes in json.loads(plain):
                 if wanted is None or int(frame_index) in wanted:
-                    rois[int(frame_index)] = [SealedRoi(int(frame_index), int(s), int(x), int(y), int(w), int(h))
+                    rois[int(frame_index)] = [_roi(frame_index, s, x, y, w, h)
                                               for x, y, w, h, s in boxes]
         return rois
 
-    def rois_by_frame(self) -> Iterator[tuple[int, list[SealedRoi]]]:
+    def rois_by_frame(self) -> Iterator[tuple[int, list[Roi]]]:
         """(frame index, ROIs) in frame order for the frames that have ROIs, one record in memory at a time."""
         for ref in sorted((r for r in self.records if r.kind == "rois"), key=lambda r: r.first):
             if (plain := self._decrypt(ref)) is None:
                 continue
             for frame_index, boxes in json.loads(plain):
-                yield int(frame_index), [SealedRoi(int(frame_index), int(s), int(x), int(y), int(w), int(h))
+                yield int(frame_index), [_roi(frame_index, s, x, y, w, h)
                                          for x, y, w, h, s in boxes]
 
     def _chunk(self, ref: _RecordRef) -> CropChunk | None:
@@ -497,7 +493,7 @@ class SealedVideo:
             return None
         return CropChunk(ref.seq, boxes, frames, (int(meta["origin"][0]), int(meta["origin"][1])))
 
-    def crops_by_frame(self) -> Iterator[tuple[int, list[tuple[SealedRoi, np.ndarray]]]]:
+    def crops_by_frame(self) -> Iterator[tuple[int, list[tuple[Roi, np.ndarray]]]]:
         """(frame index, [(roi, original pixels)]) in frame order, only for frames that have crops.
 
         Chunks are decrypted and decoded when their first frame comes up and dropped after
@@ -517,7 +513,7 @@ class SealedVideo:
             for chunk, i in live:
                 if i < len(chunk.boxes) and chunk.boxes[i][0] == frame:
                     f, x, y, w, h = chunk.boxes[i]
-                    found.append((SealedRoi(f, chunk.seq_id, x, y, w, h),
+                    found.append((_roi(f, chunk.seq_id, x, y, w, h),
                                   _crop_back(chunk.frames[i], chunk.boxes[i], chunk.origin)))
                     i += 1
                 if i < len(chunk.boxes):
