@@ -155,6 +155,14 @@ def _pooled_psnr(originals: Sequence[np.ndarray], decoded: np.ndarray,
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def _grow(span: tuple[int, int, int, int] | None, box: tuple[int, int, int, int, int]) -> tuple[int, int, int, int]:
+    """`span` (x0, y0, x1, y1) grown to take in one (frame, x, y, w, h) box."""
+    _, x, y, w, h = box
+    if span is None:
+        return x, y, x + w, y + h
+    return min(span[0], x), min(span[1], y), max(span[2], x + w), max(span[3], y + h)
+
+
 def _span(boxes: Iterable[tuple[int, int, int, int, int]]) -> tuple[int, int, int, int]:
     """x0, y0, x1, y1 of the union of (frame, x, y, w, h) boxes."""
     boxes = list(boxes)
@@ -167,12 +175,17 @@ class _OpenChunk:
     index: int
     boxes: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # frame, x, y, w, h
     crops: list[np.ndarray] = field(default_factory=list)
+    span: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 of the boxes so far, grown as they come
 
-    def canvas_bytes(self, extra: tuple[int, int, int, int, int] | None = None) -> int:
-        """What the chunk's canvases will take once stacked (with `extra` added)."""
-        boxes = self.boxes + ([extra] if extra else [])
-        x0, y0, x1, y1 = _span(boxes)
-        return (x1 - x0 + 1) * (y1 - y0 + 1) * 3 * len(boxes)
+    def add(self, box: tuple[int, int, int, int, int], crop: np.ndarray) -> None:
+        self.boxes.append(box)
+        self.crops.append(crop)
+        self.span = _grow(self.span, box)
+
+    def canvas_bytes(self, extra: tuple[int, int, int, int, int]) -> int:
+        """What the chunk's canvases will take once stacked, with `extra` added."""
+        x0, y0, x1, y1 = _grow(self.span, extra)
+        return (x1 - x0 + 1) * (y1 - y0 + 1) * 3 * (len(self.boxes) + 1)
 
 
 @dataclass
@@ -239,8 +252,7 @@ class SealWriter:
             if chunk is None:
                 chunk = self._open[r.seq_id] = _OpenChunk(self._next_index.get(r.seq_id, 0))
                 self._next_index[r.seq_id] = chunk.index + 1
-            chunk.boxes.append(box)
-            chunk.crops.append(np.array(frame[r.y : r.y + r.h, r.x : r.x + r.w], dtype=np.uint8, copy=True))
+            chunk.add(box, np.array(frame[r.y : r.y + r.h, r.x : r.x + r.w], dtype=np.uint8, copy=True))
             if len(chunk.crops) >= self.chunk_frames:
                 self._flush_chunk(r.seq_id)
         self._write_done(keep=MAX_PENDING_CHUNKS)
