@@ -186,3 +186,44 @@ def test_not_a_sealed_file_is_refused(tmp_path):
     (tmp_path / "junk").write_bytes(b"hello")
     with pytest.raises(SealError, match="not a sealed file"):
         SealedVideo(tmp_path / "junk")
+
+
+class _LinearCodec:
+    """A stand-in encoder whose PSNR falls `slope` dB per CRF unit from `at_zero`: the search's model, made exact."""
+
+    def __init__(self, at_zero: float, slope: float) -> None:
+        self.at_zero, self.slope, self.tried = at_zero, slope, []
+
+    def encode(self, crf: float) -> bytes:
+        self.tried.append(crf)
+        return str(crf).encode()
+
+    def measure(self, stream: bytes) -> float:
+        return self.at_zero - self.slope * float(stream)
+
+
+def test_crf_search_settles_on_the_coarsest_quarter_that_reaches_42_db():
+    from tasks.datapath.seal import _aim_crf
+
+    # PSNR 52 - 0.5 crf. CRF 18 gives 43.0, 0.94 dB over the aim (42.06): retried at
+    # 18 + 0.94 / 0.6 = 19.57, down to the quarter 19.5, which gives 42.25, within the margin.
+    codec = _LinearCodec(52.0, 0.5)
+    crf, psnr, _ = _aim_crf(codec.encode, codec.measure, None)
+    assert codec.tried == [18.0, 19.5] and crf == 19.5 and psnr == pytest.approx(42.25)
+    # Aimed from the sequence's last chunk (19.5 gave 42.25): 19.5 + 0.19 / 0.6 = 19.82 → 19.75, 42.125: final.
+    codec = _LinearCodec(52.0, 0.5)
+    crf, _, _ = _aim_crf(codec.encode, codec.measure, (19.5, 42.25))
+    assert codec.tried == [19.75] and crf == 19.75
+    # Far steeper than the model (PSNR 80 - 2 crf): 21.25 misses (37.5), 13.5 passes (53.0), and
+    # interpolating between them gives 18.97 → 18.75 (42.5); the next interpolation would not move.
+    codec = _LinearCodec(80.0, 2.0)
+    crf, psnr, _ = _aim_crf(codec.encode, codec.measure, (18.0, 44.06))
+    assert codec.tried == [21.25, 13.5, 18.75] and crf == 18.75 and psnr == pytest.approx(42.5)
+
+
+def test_crf_search_gives_up_when_no_crf_reaches_42_db():
+    from tasks.datapath.seal import HIGH_MIN_CRF, _aim_crf
+
+    codec = _LinearCodec(41.0, 0.1)
+    assert _aim_crf(codec.encode, codec.measure, None) is None
+    assert min(codec.tried) >= HIGH_MIN_CRF and len(codec.tried) <= 6
