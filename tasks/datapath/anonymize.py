@@ -20,7 +20,7 @@ import numpy as np
 from catalogs import CatalogStore
 from tasks.datapath import stego
 from tasks.datapath.decode import probe, read_attachment
-from tasks.datapath.deidentify import FaceSwapper
+from tasks.datapath.deidentify import SMOOTHING_WEIGHT, FaceSwapper, TemporalSmoother
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import ATTACHMENT_MIMETYPE, LOSSLESS_CODECS, attach
 from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, wrap_data_key
@@ -114,6 +114,9 @@ def anonymize_video(
     in_pixels = settings.public_format in LOSSLESS_CODECS
     envelope_bytes = envelope_to_bytes(envelope)
     noise_for = noise_source(data_key)
+    # Sealed originals free the public face from carrying them: blended and smoothed for viewers.
+    sealed_originals = settings.seal != "none"
+    smoother = TemporalSmoother(SMOOTHING_WEIGHT) if sealed_originals else None
     pending: dict[int, np.ndarray] = {}  # decoded frames waiting until their ROIs are final
     roi_rows: list[dict[str, Any]] = []
     roi_parts = 0
@@ -139,7 +142,7 @@ def anonymize_video(
             for frame, (f, frame_rois) in zip(frames, ready):
                 sealer.add(f, frame, frame_rois)
         with timer.stage("deidentify"):
-            swapper.anonymize(frames, rois, noise_for)
+            swapper.anonymize(frames, rois, noise_for, smoother, blend=sealed_originals)
         if in_pixels:
             with timer.stage("stego"):
                 frames = [

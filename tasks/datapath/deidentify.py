@@ -1,4 +1,10 @@
-"""De-identify and restore: crop head ROIs → 64×64 → U_e / U_d with keyed noise → resize → paste.
+"""De-identify and restore: crop head ROIs → 64×64 → U_e / U_d with keyed noise → resize → blend.
+
+Where the originals are sealed, each public face is blended over its ROI with the soft
+face-shaped weights of `track.face_region` (outside that region the frame keeps its own
+pixels) and smoothed over its sequence (`TemporalSmoother`). In the paper's mode (`--seal
+none`) the public face must carry its own frame's original for U_d: it replaces the whole
+box, unsmoothed, and U_d's output replaces the whole box again on the way back.
 
 The same crop and paste code serves both directions, so the public and the private
 module cannot drift apart: any misalignment between the ROI cropped for x and the ROI
@@ -18,7 +24,7 @@ from torch import nn
 
 from models.registry import MODEL_NAMES, build_pair, has_parameters
 from models.unet import FACE_SIZE
-from tasks.datapath.track import Roi
+from tasks.datapath.track import Roi, face_region
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights" / "uunet.pt"
 WEIGHTS_FORMAT = "uunet-pair/1"
@@ -115,14 +121,56 @@ def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> 
     return torch.cat(crops) if crops else torch.empty((0, 3, FACE_SIZE, FACE_SIZE), device=device)
 
 
-def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor) -> None:
-    """Resize each 64×64 face back to its ROI and write it into `frame` (in place)."""
+def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, blend: bool = False) -> None:
+    """Resize each 64×64 face to its ROI and write it into `frame` (in place): over the whole
+    box, or with `blend` over the face region only (pixels of weight 0 are not written, so
+    outside the region the frame is exactly what it was).
+    """
     for r, face in zip(rois, faces):
         face = face.unsqueeze(0)
         if (r.h, r.w) != (FACE_SIZE, FACE_SIZE):
             face = F.interpolate(face, size=(r.h, r.w), mode="bilinear", align_corners=False, antialias=True)
-        pixels = face[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
+        if not blend:
+            pixels = face[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+            frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
+            continue
+        face = face[0].permute(1, 2, 0).mul(255.0).cpu().numpy()
+        weights = face_region(r.w, r.h)
+        support = weights > 0
+        target = frame[r.y : r.y + r.h, r.x : r.x + r.w]
+        w = weights[support][:, None]
+        blended = w * face[support] + (1 - w) * target[support]
+        target[support] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+SMOOTHING_WEIGHT = 0.3
+
+
+class TemporalSmoother:
+    """Per sequence, each public face as a running mean of U_e's outputs (in ROI coordinates).
+
+    U_e sees each frame's crop afresh, so its face shimmers from frame to frame: viewers read
+    that as a broken video, and x264 pays for it (the bundled Wolfgang clip's public stream:
+    2.52 MB unsmoothed, 2.16 MB at `weight` 0.3). Only where the originals are sealed: in the
+    paper's mode each public face must carry its own frame's original for U_d.
+    """
+
+    def __init__(self, weight: float) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError(f"smoothing weight must be in (0, 1], got {weight}")
+        self.weight = weight
+        self._last: dict[int, torch.Tensor] = {}
+
+    def __call__(self, seq_ids: Sequence[int], faces: torch.Tensor) -> torch.Tensor:
+        """Faces (K, 3, 64, 64) in frame order → smoothed; a sequence absent from a call has ended."""
+        out = torch.empty_like(faces)
+        for k, seq_id in enumerate(seq_ids):
+            last = self._last.get(seq_id)
+            out[k] = faces[k] if last is None else self.weight * faces[k] + (1 - self.weight) * last
+            self._last[seq_id] = out[k]
+        present = set(seq_ids)
+        self._last = {s: face for s, face in self._last.items() if s in present}
+        return out
 
 
 class FaceSwapper:
@@ -132,15 +180,16 @@ class FaceSwapper:
         self.pair = pair
         self.max_batch = max_batch
 
-    def anonymize(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor) -> int:
-        return self._apply(self.pair.encoder, frames, rois, noise_for)
+    def anonymize(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor,
+                  smoother: TemporalSmoother | None = None, blend: bool = False) -> int:
+        return self._apply(self.pair.encoder, frames, rois, noise_for, smoother, blend)
 
     def restore(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor) -> int:
         return self._apply(self.pair.decoder, frames, rois, noise_for)
 
     @torch.inference_mode()
     def _apply(self, net: nn.Module, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]],
-               noise_for: NoiseFor) -> int:
+               noise_for: NoiseFor, smoother: TemporalSmoother | None = None, blend: bool = False) -> int:
         """Replace every ROI of every frame in place; returns the number of faces processed."""
         device = self.pair.device
         crops = [crop_faces(f, r, device) for f, r in zip(frames, rois) if r]
@@ -155,8 +204,10 @@ class FaceSwapper:
         noise = torch.stack([noise_cache[r.seq_id] for r in flat_rois]).unsqueeze(1)
         out = torch.cat([net(faces[i : i + self.max_batch], noise[i : i + self.max_batch])
                          for i in range(0, len(faces), self.max_batch)])
+        if smoother is not None:
+            out = smoother([r.seq_id for r in flat_rois], out)
         k = 0
         for frame, frame_rois in zip(frames, rois):
-            paste_faces(frame, frame_rois, out[k : k + len(frame_rois)])
+            paste_faces(frame, frame_rois, out[k : k + len(frame_rois)], blend)
             k += len(frame_rois)
         return k

@@ -9,9 +9,17 @@ association errs on the side of continuing a track rather than starting a new on
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# The soft face-shaped region of a head ROI that the public face replaces: an ellipse over the
+# face box's part of the ROI (the ROI is that box x1.3; MTCNN boxes are taller than wide), at
+# full weight inside, falling to zero along a smoothstep ring, so no step shows at its border
+# and outside it the frame stays the source.
+_REGION_AXES = (0.36, 0.43)  # semi-axes as fractions of the ROI's width and height
+_REGION_RING = 0.18  # width of the falloff, as a fraction of the ellipse's radius
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,18 @@ def head_roi(box: np.ndarray, width: int, height: int, scale: float = 1.3) -> tu
     x1, y1 = max(0, x1), max(0, y1)
     x2, y2 = min(width, x2), min(height, y2)
     return x1, y1, max(1, x2 - x1), max(1, y2 - y1)
+
+
+@functools.lru_cache(maxsize=32)
+def face_region(w: int, h: int) -> np.ndarray:
+    """(h, w) float32 weights in [0, 1] of the public face over the source, for a w x h ROI (read-only)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = (xx + 0.5 - w / 2) / (_REGION_AXES[0] * w)
+    v = (yy + 0.5 - h / 2) / (_REGION_AXES[1] * h)
+    t = np.clip((1 + _REGION_RING - np.sqrt(u * u + v * v)) / _REGION_RING, 0, 1)
+    weights = (t * t * (3 - 2 * t)).astype(np.float32)  # smoothstep: no kink where the ring starts or ends
+    weights.flags.writeable = False
+    return weights
 
 
 @dataclass

@@ -319,3 +319,24 @@ def test_exact_sealing_restores_every_roi_pixel_and_a_stripped_lossless_file_fal
                                 swapper=PERMUTATION, settings=settings, source=clips["wolfgang"], progress=False)
     assert learned.restore_path == "learned" and learned.rois_restored == record.faces
     assert learned.frames_with_payload == record.frame_count and learned.seal is None
+
+
+def test_with_sealed_originals_the_public_face_covers_only_the_face_region(clips, key, tmp_path):
+    """Sealed: the public face is blended over the face region and the rest of the box stays the source."""
+    from tasks.datapath.track import face_region
+
+    settings = PipelineSettings(model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="x264rgb",
+                                seal="exact")
+    anonymize_video(clips["wolfgang"], tmp_path / "pub.mkv", recipients=[AUTHORITY.public], video_id="e2" * 32,
+                    detector=FixedBoxDetector(), swapper=PERMUTATION, settings=settings, run_id="r",
+                    progress=False, data_key=key)
+    restored = reconstruct_video(tmp_path / "pub.mkv", tmp_path / "rec.mkv", private_key=AUTHORITY,
+                                 swapper=PERMUTATION, settings=settings, source=clips["wolfgang"], progress=False)
+    assert restored.restore_path == "sealed" and restored.psnr_roi == float("inf")
+    (s90, (_, _, w, h)) = _roi_slices(BOX_90)
+    weights = face_region(w, h)
+    source, public = read_frames(clips["wolfgang"], range(4)), read_frames(tmp_path / "pub.mkv", range(4))
+    for src, pub in zip(source, public):
+        diff = np.abs(pub[s90].astype(int) - src[s90].astype(int)).max(axis=2)
+        assert diff[weights == 0].max() <= 1  # the source, but for the payload's LSBs
+        assert (diff[weights == 1] > 1).mean() > 0.5  # the face itself is replaced
