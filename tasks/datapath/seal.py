@@ -36,6 +36,7 @@ import math
 import os
 import secrets
 import subprocess
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,11 +117,15 @@ def _aad(video_id: str, record_header: bytes) -> bytes:
     return FORMAT.encode() + b"\x00" + video_id.encode("ascii") + b"\x00" + record_header
 
 
-def _run_ffmpeg(args: list[str], data: bytes) -> bytes:
+def _ffmpeg_failed(stderr: bytes) -> SealError:
+    return SealError(f"ffmpeg failed on a crop chunk: {stderr.decode(errors='replace').strip()[-1000:]}")
+
+
+def _run_ffmpeg(args: list[str], data: bytes | memoryview) -> bytes:
     result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args],
                             input=data, capture_output=True)
     if result.returncode != 0:
-        raise SealError(f"ffmpeg failed on a crop chunk: {result.stderr.decode(errors='replace').strip()[-1000:]}")
+        raise _ffmpeg_failed(result.stderr)
     return result.stdout
 
 
@@ -129,14 +134,44 @@ def encode_crops(frames: np.ndarray, codec: str, crf: float | None = None) -> by
     n, height, width, _ = frames.shape
     args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "25", "-i", "pipe:0",
             *_CROP_CODECS[codec], *(["-crf", str(crf)] if crf is not None else []), "-f", "h264", "pipe:1"]
-    return _run_ffmpeg(args, np.ascontiguousarray(frames).tobytes())
+    # A flat view, not .tobytes(): a chunk's canvases are tens of MB, and a copy would double them.
+    return _run_ffmpeg(args, memoryview(np.ascontiguousarray(frames)).cast("B"))
 
 
 def decode_crops(stream: bytes, width: int, height: int, count: int) -> np.ndarray:
-    raw = _run_ffmpeg(["-f", "h264", "-i", "pipe:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"], stream)
-    if len(raw) != count * height * width * 3:
-        raise SealError(f"a crop chunk decoded to {len(raw) // max(1, height * width * 3)} frames, expected {count}")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(count, height, width, 3)
+    """An H.264 stream of `count` frames → (count, height, width, 3) uint8 RGB, read straight into one array
+    (collecting ffmpeg's output and joining it would hold the chunk twice)."""
+    frames = np.empty((count, height, width, 3), dtype=np.uint8)
+    process = subprocess.Popen([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "h264",
+                                "-i", "pipe:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+
+    def feed() -> None:
+        try:
+            process.stdin.write(stream)
+        except BrokenPipeError:
+            pass  # ffmpeg stopped early; its exit status and stderr say why
+        finally:
+            process.stdin.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    view, filled = memoryview(frames).cast("B"), 0
+    while filled < len(view):
+        got = process.stdout.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    extra = process.stdout.read(1)
+    feeder.join()
+    stderr = process.stderr.read()  # small: errors only
+    if process.wait() != 0:
+        raise _ffmpeg_failed(stderr)
+    if filled != len(view) or extra:
+        decoded = (filled + len(extra)) // max(1, height * width * 3)
+        raise SealError(f"a crop chunk decoded to {decoded}{'+' if extra else ''} frames, expected {count}")
+    return frames
 
 
 def _canvases(boxes: Sequence[tuple[int, int, int, int, int]], crops: Sequence[np.ndarray],
@@ -157,12 +192,13 @@ def _crop_back(canvas: np.ndarray, box: tuple[int, int, int, int, int], origin: 
     return canvas[y - origin[1] : y - origin[1] + h, x - origin[0] : x - origin[0] + w]
 
 
-def _pooled_psnr(originals: Sequence[np.ndarray], decoded: np.ndarray,
+def _pooled_psnr(originals: np.ndarray, decoded: np.ndarray,
                  boxes: Sequence[tuple[int, int, int, int, int]], origin: tuple[int, int]) -> float:
-    """PSNR (dB) over every ROI pixel of a chunk."""
+    """PSNR (dB) over every ROI pixel of a chunk, canvases as encoded against canvases as decoded."""
     squared, pixels = 0.0, 0
-    for crop, canvas, box in zip(originals, decoded, boxes):
-        diff = _crop_back(canvas, box, origin).astype(np.float64) - crop.astype(np.float64)
+    for original, canvas, box in zip(originals, decoded, boxes):
+        diff = (_crop_back(canvas, box, origin).astype(np.float64)
+                - _crop_back(original, box, origin).astype(np.float64))
         squared, pixels = squared + float((diff**2).sum()), pixels + diff.size
     mse = squared / max(pixels, 1)
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -353,10 +389,11 @@ class SealWriter:
         width, height = max(_MIN_SIDE, x1 - x0), max(_MIN_SIDE, y1 - y0)
         width, height = width + width % 2, height + height % 2
         frames = _canvases(chunk.boxes, chunk.crops, (x0, y0), width, height)
+        chunk.crops = []  # each canvas holds its crop exactly: memory for one copy of the chunk, not two
         codec, stream = "rgb-lossless", b""
         if self.quality == "high":
             def measure(stream: bytes) -> float:
-                return _pooled_psnr(chunk.crops, decode_crops(stream, width, height, len(frames)), chunk.boxes,
+                return _pooled_psnr(frames, decode_crops(stream, width, height, len(frames)), chunk.boxes,
                                     (x0, y0))
 
             def encode(crf: float) -> bytes:

@@ -227,3 +227,17 @@ def test_crf_search_gives_up_when_no_crf_reaches_42_db():
     codec = _LinearCodec(41.0, 0.1)
     assert _aim_crf(codec.encode, codec.measure, None) is None
     assert min(codec.tried) >= HIGH_MIN_CRF and len(codec.tried) <= 6
+
+
+def test_decoding_a_crop_stream_checks_the_frame_count(frames):
+    from tasks.datapath.seal import decode_crops, encode_crops
+
+    crops = np.ascontiguousarray(frames[:3, 40:72, 200:248])
+    stream = encode_crops(crops, "rgb-lossless")
+    assert np.array_equal(decode_crops(stream, 48, 32, 3), crops)
+    with pytest.raises(SealError, match="decoded to 3 frames, expected 4"):
+        decode_crops(stream, 48, 32, 4)
+    with pytest.raises(SealError, match=r"decoded to 2\+ frames, expected 2"):
+        decode_crops(stream, 48, 32, 2)
+    with pytest.raises(SealError, match="ffmpeg failed"):
+        decode_crops(b"not an h264 stream at all" * 10, 48, 32, 3)
