@@ -123,8 +123,8 @@ def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> 
 
 def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, blend: bool = False) -> None:
     """Resize each 64×64 face to its ROI and write it into `frame` (in place): over the whole
-    box, or with `blend` over the face region only (pixels of weight 0 are not written, so
-    outside the region the frame is exactly what it was).
+    box, or with `blend` over the face region only (where the weight is 0 the frame keeps
+    exactly what it was).
     """
     for r, face in zip(rois, faces):
         face = face.unsqueeze(0)
@@ -134,13 +134,12 @@ def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, ble
             pixels = face[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
             frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
             continue
-        face = face[0].permute(1, 2, 0).mul(255.0).cpu().numpy()
-        weights = face_region(r.w, r.h)
-        support = weights > 0
         target = frame[r.y : r.y + r.h, r.x : r.x + r.w]
-        w = weights[support][:, None]
-        blended = w * face[support] + (1 - w) * target[support]
-        target[support] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        source = torch.from_numpy(np.ascontiguousarray(target)).to(face.device).float()
+        weights = torch.from_numpy(face_region(r.w, r.h).copy()).to(face.device).unsqueeze(-1)
+        # lerp is exactly the source where the weight is 0 and exactly the face where it is 1.
+        blended = torch.lerp(source, face[0].permute(1, 2, 0).mul(255.0).contiguous(), weights)
+        target[:] = blended.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 SMOOTHING_WEIGHT = 0.3
