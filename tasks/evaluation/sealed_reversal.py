@@ -7,7 +7,10 @@ sealed at one quality, and the private module restores it with the authority's p
 key into the lossless working copy. Every ROI of every frame is then compared with the
 source as decoded, at frame resolution: pooled PSNR inside the ROIs, the share that came
 back bit-exact, and on every `stride`-th frame SFace's and dlib's verdict on (source crop,
-restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels.
+restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels. The same judges also compare
+the source crop with the public crop as released (the face blended over the face region,
+the rest of the box the source): with the originals sealed, that public face is not the
+paper's (see `tasks/datapath/deidentify.py`), so its privacy is measured here, on its own.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ class SealedReversal:
     sface_same: float
     dlib_same: float
     chunks_failed: int
+    public_sface_same: float = math.nan  # x↔a: the released public crop judged the same person
+    public_dlib_same: float = math.nan
 
 
 def held_out_part(source: Path, dest: Path) -> Path:
@@ -65,7 +70,7 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                             stride: int = 2) -> SealedReversal:
     settings = PipelineSettings(**{**base.__dict__, "public_format": "h264", "seal": quality})
     authority = parse_private_key(generate_key_pair()[0])
-    faces = exact = judged = sface_same = dlib_same = chunks_failed = 0
+    faces = exact = judged = sface_same = dlib_same = chunks_failed = public_sface = public_dlib = 0
     squared_error, pixels = 0.0, 0
     with tempfile.TemporaryDirectory(prefix="uunet-eval-sealed-") as tmp:
         for index, clip in enumerate(clips):
@@ -87,7 +92,9 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
             frames = sorted(by_frame)
             for start in range(0, len(frames), _READ_CHUNK):
                 chunk = frames[start:start + _READ_CHUNK]
-                for f, src, back in zip(chunk, read_frames(source, chunk), read_frames(work / "restored.mkv", chunk)):
+                for f, src, back, pub in zip(chunk, read_frames(source, chunk),
+                                             read_frames(work / "restored.mkv", chunk),
+                                             read_frames(work / "public.mkv", chunk)):
                     for x, y, w, h in by_frame[f]:
                         a = src[y:y + h, x:x + w]
                         b = np.ascontiguousarray(back[y:y + h, x:x + w])
@@ -99,11 +106,16 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                         if f % stride == 0 and min(w, h) >= MIN_IDENTITY_SIDE:
                             judged += 1
                             a = np.ascontiguousarray(a)
-                            sface_same += sface.same_person(sface.embed(a), sface.embed(b))
-                            dlib_same += dlib.same_person(dlib.embed(a), dlib.embed(b))
+                            public = np.ascontiguousarray(pub[y:y + h, x:x + w])
+                            sface_x, dlib_x = sface.embed(a), dlib.embed(a)
+                            sface_same += sface.same_person(sface_x, sface.embed(b))
+                            dlib_same += dlib.same_person(dlib_x, dlib.embed(b))
+                            public_sface += sface.same_person(sface_x, sface.embed(public))
+                            public_dlib += dlib.same_person(dlib_x, dlib.embed(public))
     mse = squared_error / max(pixels, 1)
     return SealedReversal(
         quality=quality, public_format=settings.public_format, clips=len(clips), faces=faces,
         psnr_db=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
         exact_fraction=exact / max(faces, 1), judged=judged, sface_same=sface_same / max(judged, 1),
-        dlib_same=dlib_same / max(judged, 1), chunks_failed=chunks_failed)
+        dlib_same=dlib_same / max(judged, 1), chunks_failed=chunks_failed,
+        public_sface_same=public_sface / max(judged, 1), public_dlib_same=public_dlib / max(judged, 1))
