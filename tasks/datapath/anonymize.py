@@ -27,8 +27,8 @@ from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, 
 from tasks.datapath.release_check import check_public_stream, listed_rois, payload_rois, sample_frames
 from tasks.datapath.seal import SealedVideo, SealWriter
 from tasks.datapath.track import FaceTracker, Roi
-from tasks.datapath.video_loop import (PipelineSettings, Timer, noise_source, progress_bar, temporary_beside,
-                                       timed_batches, writer_for)
+from tasks.datapath.video_loop import (PipelineSettings, Timer, bound_heap_fragmentation, noise_source,
+                                       progress_bar, temporary_beside, timed_batches, writer_for)
 from tasks.judges import SFaceJudge
 
 SEALED_NAME = "sealed.uuseal"  # the attachment's file name inside the public file
@@ -100,6 +100,7 @@ def anonymize_video(
     YuNet) is loaded here when not given; a worker passes its own to load it once.
     `data_key` is drawn at random when not given (tests and the evaluation fix it).
     """
+    bound_heap_fragmentation()
     timer = Timer()
     info = probe(source)
     record = VideoRecord(video_id, str(source), str(output), info.width, info.height,

@@ -29,8 +29,8 @@ from tasks.datapath.encode import ATTACHMENT_MIMETYPE
 from tasks.datapath.keys import AuthorityPrivateKey, DataKey, envelope_from_bytes, unwrap_data_key
 from tasks.datapath.seal import SealedVideo
 from tasks.datapath.track import Roi
-from tasks.datapath.video_loop import (PipelineSettings, Timer, noise_source, progress_bar, temporary_beside,
-                                       timed_batches, writer_for)
+from tasks.datapath.video_loop import (PipelineSettings, Timer, bound_heap_fragmentation, noise_source,
+                                       progress_bar, temporary_beside, timed_batches, writer_for)
 
 class NothingToRestore(Exception):
     """A public file that holds neither sealed data nor an in-pixel payload."""
@@ -117,6 +117,7 @@ def reconstruct_video(
     the key cannot open the video, and `NothingToRestore` when the file carries nothing to
     restore from. Frames whose payload fails authentication are written unchanged and counted.
     """
+    bound_heap_fragmentation()
     timer = Timer()
     public = Path(public)
     info = probe(public)
