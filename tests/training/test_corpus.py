@@ -47,7 +47,7 @@ def detector() -> FaceDetector:
 @pytest.fixture(scope="module")
 def gan(tmp_path_factory) -> tuple[list[dict], np.ndarray]:
     out = tmp_path_factory.mktemp("gan")
-    rows = generate_gan_faces(12, seed=3, out_dir=out, batch_size=5, run_id="r1")
+    rows = generate_gan_faces(12, seed=3, out_dir=out, run_id="r1")
     return rows, np.load(rows[0]["image_path"])
 
 
@@ -74,14 +74,14 @@ def test_dcgan_loads_strictly_and_makes_images() -> None:
         model(torch.randn(2, 99))
 
 
-def test_generate_gan_faces_is_seeded_and_batched(gan, tmp_path: Path) -> None:
+def test_generate_gan_faces_is_seeded(gan, tmp_path: Path) -> None:
     rows, stack = gan
     rows_to_table("faces", rows)
     assert stack.shape == (12, 64, 64, 3) and stack.dtype == np.uint8
     assert [r["array_index"] for r in rows] == list(range(12))
     assert len({r["subject_id"] for r in rows}) == 12  # one subject per face
-    again = generate_gan_faces(12, seed=3, out_dir=tmp_path, batch_size=12)
-    assert np.array_equal(np.load(again[0]["image_path"]), stack)  # batch size does not change faces
+    again = generate_gan_faces(12, seed=3, out_dir=tmp_path)
+    assert np.array_equal(np.load(again[0]["image_path"]), stack)  # a seed is a corpus
     other = generate_gan_faces(2, seed=4, out_dir=tmp_path)
     assert not np.array_equal(np.load(other[0]["image_path"]), stack[:2])
     assert np.array_equal(load_face_images(rows[3:5]), stack[3:5])
