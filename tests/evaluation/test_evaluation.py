@@ -147,6 +147,8 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert (high["quality"], exact["quality"]) == ("high", "exact") and high["faces"] == exact["faces"] > 0
     assert exact["exact_fraction"] == 1.0 and exact["psnr_db"] is None  # inf: strict JSON null
     assert high["psnr_db"] >= 42 and high["sface_same"] == 1.0 and high["judged"] > 0 and high["chunks_failed"] == 0
+    # The same ROIs as released: the blended public face is not the person the restored one is.
+    assert high["public_sface_same"] < high["sface_same"] and high["public_dlib_same"] < high["dlib_same"]
     metrics = CatalogStore(out / "catalogs").read("metrics")
     assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
     assert set(metrics["method"]) >= {OURS, *BASELINES, f"{OURS}:keep-gender"}
