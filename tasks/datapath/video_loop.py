@@ -62,10 +62,11 @@ class Timer:
 # glibc serves blocks above its mmap threshold with mmap (returned whole when freed), but
 # raises that threshold to the size of each mmapped block freed, up to 32 MiB: after the first
 # frames, a video's per-frame arrays come from the heap and fragment it, so peak memory grew
-# with video length (bench.memory, Wolfgang x10: +23 % peak RSS; with the threshold held at
-# 1 MiB: +7 %, and both peaks ~150 MB lower).
+# with video length (bench.memory, Wolfgang x10: +23 % peak RSS; held at 1 MiB: +2 %, but
+# every detector tensor over 1 MiB then paid fresh page faults: 10.1 fps instead of 10.8;
+# held at 4 MiB: 12.1 fps, bench.throughput on the same clip).
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-HEAP_MMAP_THRESHOLD = 1 << 20
+HEAP_MMAP_THRESHOLD = 4 << 20
 
 
 @functools.cache
