@@ -163,7 +163,10 @@ def decode_crops(stream: bytes, width: int, height: int, count: int) -> np.ndarr
         if not got:
             break
         filled += got
-    extra = process.stdout.read(1)
+    # Drain whatever comes beyond the expected frames: left in the pipe, it would block ffmpeg.
+    extra = b""
+    while block := process.stdout.read(1 << 16):
+        extra = extra or block[:1]
     feeder.join()
     stderr = process.stderr.read()  # small: errors only
     if process.wait() != 0:
@@ -211,13 +214,6 @@ def _grow(span: tuple[int, int, int, int] | None, box: tuple[int, int, int, int,
     if span is None:
         return x, y, x + w, y + h
     return min(span[0], x), min(span[1], y), max(span[2], x + w), max(span[3], y + h)
-
-
-def _span(boxes: Iterable[tuple[int, int, int, int, int]]) -> tuple[int, int, int, int]:
-    """x0, y0, x1, y1 of the union of (frame, x, y, w, h) boxes."""
-    boxes = list(boxes)
-    return (min(b[1] for b in boxes), min(b[2] for b in boxes),
-            max(b[1] + b[3] for b in boxes), max(b[2] + b[4] for b in boxes))
 
 
 def _quarter(crf: float) -> float:
@@ -293,7 +289,6 @@ class SealStats:
     bytes: int = 0
     crop_bytes: int = 0
     min_psnr_db: float = math.inf  # `high`: the worst chunk's pooled ROI PSNR, measured when sealing
-    encodes: int = 0  # x264 runs: one per chunk and more where `high` corrected its CRF
 
 
 class SealWriter:
@@ -386,7 +381,8 @@ class SealWriter:
 
     def _encode_chunk(self, seq_id: int, chunk: _OpenChunk) -> tuple[dict[str, Any], bytes, int]:
         """(record header, plaintext, stream bytes) of one chunk; runs on the encoder thread."""
-        x0, y0, x1, y1 = _span(chunk.boxes)
+        assert chunk.span is not None  # a chunk is flushed only once it holds a box
+        x0, y0, x1, y1 = chunk.span
         width, height = max(_MIN_SIDE, x1 - x0), max(_MIN_SIDE, y1 - y0)
         width, height = width + width % 2, height + height % 2
         frames = _canvases(chunk.boxes, chunk.crops, (x0, y0), width, height)
@@ -397,11 +393,7 @@ class SealWriter:
                 return _pooled_psnr(frames, decode_crops(stream, width, height, len(frames)), chunk.boxes,
                                     (x0, y0))
 
-            def encode(crf: float) -> bytes:
-                self.stats.encodes += 1
-                return encode_crops(frames, "yuv444", crf)
-
-            found = _aim_crf(encode, measure,
+            found = _aim_crf(lambda crf: encode_crops(frames, "yuv444", crf), measure,
                              self._last_crf.get(seq_id, self._video_last_crf))
             if found is not None:
                 crf, psnr, stream = found
@@ -409,7 +401,6 @@ class SealWriter:
                 self.stats.min_psnr_db = min(self.stats.min_psnr_db, psnr)
                 self._last_crf[seq_id] = self._video_last_crf = (crf, psnr)
         if codec == "rgb-lossless":
-            self.stats.encodes += 1
             stream = encode_crops(frames, codec)
         meta = _canonical({"codec": codec, "width": width, "height": height, "origin": [x0, y0],
                            "boxes": chunk.boxes})

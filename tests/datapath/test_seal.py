@@ -241,3 +241,7 @@ def test_decoding_a_crop_stream_checks_the_frame_count(frames):
         decode_crops(stream, 48, 32, 2)
     with pytest.raises(SealError, match="ffmpeg failed"):
         decode_crops(b"not an h264 stream at all" * 10, 48, 32, 3)
+    # Far more output than expected (1.2 MB, past any pipe buffer): drained and refused, not a hang.
+    many = encode_crops(np.ascontiguousarray(frames[:, 40:140, 200:400]), "rgb-lossless")
+    with pytest.raises(SealError, match=r"decoded to 2\+ frames, expected 2"):
+        decode_crops(many, 200, 100, 2)
