@@ -12,6 +12,7 @@ cropped for a costs reconstruction fidelity (paper, Sec. III-C).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,12 @@ def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> 
     return torch.cat(crops) if crops else torch.empty((0, 3, FACE_SIZE, FACE_SIZE), device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _region_weights(w: int, h: int) -> torch.Tensor:
+    """`face_region` as an (h, w, 1) tensor, kept so a steady face does not convert it every frame."""
+    return torch.from_numpy(face_region(w, h).copy()).unsqueeze(-1)
+
+
 def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, blend: bool = False) -> None:
     """Resize each 64×64 face to its ROI and write it into `frame` (in place): over the whole
     box, or with `blend` over the face region only (where the weight is 0 the frame keeps
@@ -135,8 +142,8 @@ def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, ble
             frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
             continue
         target = frame[r.y : r.y + r.h, r.x : r.x + r.w]
-        source = torch.from_numpy(np.ascontiguousarray(target)).to(face.device).float()
-        weights = torch.from_numpy(face_region(r.w, r.h).copy()).to(face.device).unsqueeze(-1)
+        source = torch.from_numpy(target).to(face.device).float()  # a strided view: .float() makes the one copy
+        weights = _region_weights(r.w, r.h).to(face.device)
         # lerp is exactly the source where the weight is 0 and exactly the face where it is 1.
         blended = torch.lerp(source, face[0].permute(1, 2, 0).mul(255.0).contiguous(), weights)
         target[:] = blended.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()

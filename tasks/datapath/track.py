@@ -81,10 +81,11 @@ def head_roi(box: np.ndarray, width: int, height: int, scale: float = 1.3) -> tu
 @functools.lru_cache(maxsize=32)
 def face_region(w: int, h: int) -> np.ndarray:
     """(h, w) float32 weights in [0, 1] of the public face over the source, for a w x h ROI (read-only)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    u = (xx + 0.5 - w / 2) / (_REGION_AXES[0] * w)
-    v = (yy + 0.5 - h / 2) / (_REGION_AXES[1] * h)
-    t = np.clip((1 + _REGION_RING - np.sqrt(u * u + v * v)) / _REGION_RING, 0, 1)
+    # A column and a row, summed by broadcasting: a tracked face changes size nearly every
+    # frame, so the cache misses often, and two full (h, w) grids cost twice the time.
+    u = (np.arange(w, dtype=np.float32) + 0.5 - w / 2) / (_REGION_AXES[0] * w)
+    v = (np.arange(h, dtype=np.float32) + 0.5 - h / 2) / (_REGION_AXES[1] * h)
+    t = np.clip((1 + _REGION_RING - np.sqrt(np.add.outer(v * v, u * u))) / _REGION_RING, 0, 1)
     weights = (t * t * (3 - 2 * t)).astype(np.float32)  # smoothstep: no kink where the ring starts or ends
     weights.flags.writeable = False
     return weights
