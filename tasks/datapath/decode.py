@@ -241,6 +241,27 @@ def iter_frames(
         yield first, batch
 
 
+def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    """The frames at `indices`, `chunk` at a time, as uint8 (n, H, W, 3) RGB, from one open decoder.
+
+    Opening a reader indexes the whole file again: reading a sample of 48 frames in chunks
+    of 8 with `read_frames` spent half its time there (Wolfgang clip, 1.8 s against 0.8 s).
+    """
+    indices = list(indices)
+    if not indices:
+        return
+    reader = _open(path)
+    for first in range(0, len(indices), chunk):
+        part = indices[first:first + chunk]
+        try:
+            batch = reader.get_batch(part).asnumpy()
+        except IndexError as err:
+            raise VideoDecodeError(f"{path}: holds {len(reader)} frames, frames {part} were asked for") from err
+        except DECORDError as err:
+            raise VideoDecodeError(f"{path}: truncated/corrupt while reading frames {part}") from err
+        yield batch
+
+
 def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     """Frames at the given indices as uint8 (n, H, W, 3) RGB (random access; for tests and evaluation)."""
     indices = list(indices)

@@ -40,7 +40,7 @@ from typing import Protocol
 import numpy as np
 
 from tasks.datapath import stego
-from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.decode import iter_frames_at, probe
 from tasks.datapath.keys import Key
 from tasks.judges import SFaceJudge, YuNetDetector
 
@@ -163,10 +163,9 @@ def check_public_stream(
     checked = list(frames) if frames is not None else list(range(probe(public_path).frame_count))
     outside: list[int] = []
     matches: list[int] = []
-    for first in range(0, len(checked), READ_CHUNK):
-        indices = checked[first:first + READ_CHUNK]
-        public = read_frames(public_path, indices)
-        source = read_frames(source_path, indices)
+    chunks = [checked[first:first + READ_CHUNK] for first in range(0, len(checked), READ_CHUNK)]
+    for indices, public, source in zip(chunks, iter_frames_at(public_path, checked, READ_CHUNK),
+                                       iter_frames_at(source_path, checked, READ_CHUNK)):
         ours = detector.detect(public)
         for frame_index, pub, src, mtcnn_boxes in zip(indices, public, source, ours):
             rois = rois_of(frame_index, pub)

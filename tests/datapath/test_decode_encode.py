@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datapath.decode import (VideoDecodeError, count_audio_streams, fps_to_rational, iter_frames, probe,
-                                   read_frames)
+from tasks.datapath.decode import (VideoDecodeError, count_audio_streams, fps_to_rational, iter_frames,
+                                   iter_frames_at, probe, read_frames)
 from tasks.datapath.encode import LOSSLESS_CODECS, VideoWriter, VideoEncodeError, ffmpeg_exe
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -92,6 +92,17 @@ def test_iter_frames_covers_each_frame_once_in_order(batch_size: int, start: int
     assert all(batch.shape[1:] == (360, 640, 3) and batch.dtype == np.uint8 for _, batch in batches)
     assert all(len(batch) == batch_size for _, batch in batches[:-1])
     assert np.array_equal(np.concatenate([batch for _, batch in batches]), expected)
+
+
+def test_frames_at_scattered_indices_come_in_chunks_equal_to_reading_them_at_once() -> None:
+    # Out of order and across the clip: one open decoder must seek back as well as forward.
+    indices = [0, 3, 40, 41, 71, 12, 60]
+    chunks = list(iter_frames_at(SINGLE_FACE, indices, chunk=3))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert np.array_equal(np.concatenate(chunks), read_frames(SINGLE_FACE, range(72))[indices])
+    assert list(iter_frames_at(SINGLE_FACE, [], chunk=3)) == []
+    with pytest.raises(VideoDecodeError, match=r"holds 72 frames, frames \[5, 72\] were asked for"):
+        list(iter_frames_at(SINGLE_FACE, [5, 72], chunk=8))
 
 
 @pytest.mark.parametrize("codec", sorted(LOSSLESS_CODECS))
