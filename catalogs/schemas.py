@@ -61,7 +61,8 @@ VIDEOS = pa.schema([
     optional("frames_with_faces", INT32),
     optional("public_bytes", INT64),  # the whole public file, sealed data included
     optional("sealed_bytes", INT64),
-    optional("seal_min_psnr_db", FLOAT64),  # seal "high": the worst crop's PSNR, measured when sealing
+    optional("seal_psnr_db", FLOAT64),  # seal "high": ROI PSNR pooled over the video (>= 42), measured when sealing
+    optional("seal_min_psnr_db", FLOAT64),  # seal "high": the worst chunk's (>= 41.5), measured when sealing
     required("run_id", STRING),
     required("started_at", TIMESTAMP),
     required("finished_at", TIMESTAMP),

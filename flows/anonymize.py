@@ -52,7 +52,8 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
         seconds = record["seconds"]
         row.update({k: record[k] for k in ("width", "height", "frame_count", "fps", "fps_rational",
                                              "audio_streams", "faces", "sequences", "frames_with_faces",
-                                             "output_path", "public_bytes", "sealed_bytes", "seal_min_psnr_db")})
+                                             "output_path", "public_bytes", "sealed_bytes", "seal_psnr_db",
+                                             "seal_min_psnr_db")})
         row.update({f"seconds_{stage}": seconds.get(stage) for stage in
                     ("decode", "detect", "seal", "deidentify", "stego", "encode")})
         row["fps_processed"] = record["frame_count"] / seconds["total"] if seconds.get("total") else None

@@ -57,7 +57,8 @@ class VideoRecord:
     recipients: list[str] = field(default_factory=list)  # fingerprints of the public keys sealed to
     public_bytes: int = 0  # the whole public file, sealed data included
     sealed_bytes: int = 0
-    seal_min_psnr_db: float | None = None  # `high`: worst crop when sealing; None otherwise
+    seal_psnr_db: float | None = None  # `high`: ROI PSNR pooled over the video, when sealing; None otherwise
+    seal_min_psnr_db: float | None = None  # `high`: the worst chunk's, when sealing; None otherwise
     seconds: dict[str, float] = field(default_factory=dict)
     # The release check's verdict on the written public stream (tasks/datapath/release_check.py).
     frames_checked: int = 0
@@ -184,7 +185,8 @@ def anonymize_video(
         with timer.stage("attach"):
             attach(video_part, sealed_part, output, SEALED_NAME)
     record.public_bytes, record.sealed_bytes = Path(output).stat().st_size, stats.bytes
-    record.seal_min_psnr_db = stats.min_psnr_db if settings.seal == "high" and stats.crop_chunks else None
+    if settings.seal == "high" and stats.crop_chunks:
+        record.seal_psnr_db, record.seal_min_psnr_db = stats.psnr_db, stats.min_psnr_db
     if bar is not None:
         bar.close()
     if record.frame_count == 0:
