@@ -265,8 +265,7 @@ def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iter
 def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     """Frames at the given indices as uint8 (n, H, W, 3) RGB (random access; for tests and evaluation)."""
     indices = list(indices)
-    reader = _open(path)
-    try:
-        return reader.get_batch(indices).asnumpy()
-    except DECORDError as err:
-        raise VideoDecodeError(f"{path}: truncated/corrupt while reading frames {indices}") from err
+    if not indices:
+        height, width = _frame_size(_open(path), path)
+        return np.empty((0, height, width, 3), dtype=np.uint8)
+    return next(iter_frames_at(path, indices, chunk=len(indices)))
