@@ -267,6 +267,21 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        channel_axis=-1 if a.ndim == 3 else None))
 
 
+def box_change(previous: np.ndarray, current: np.ndarray, box: tuple[int, int, int, int]) -> tuple[float, int]:
+    """(summed absolute difference, values) of one x, y, w, h box between two uint8 frames.
+
+    A sum, not a mean, so a caller can pool frames and boxes of any size into one mean:
+    the flicker of a face is this pooled over a sequence's consecutive frames.
+    """
+    if previous.dtype != np.uint8 or current.dtype != np.uint8 or previous.shape != current.shape:
+        raise ValueError(f"box_change takes two uint8 frames of one shape, got {previous.dtype} {previous.shape} "
+                         f"and {current.dtype} {current.shape}")
+    x, y, w, h = box
+    a = previous[y:y + h, x:x + w].astype(np.int16)
+    b = current[y:y + h, x:x + w].astype(np.int16)
+    return float(np.abs(b - a).sum()), int(a.size)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two uint8 arrays of one shape; inf when equal."""
     if a.dtype != np.uint8 or b.dtype != np.uint8:

@@ -7,7 +7,10 @@ sealed at one quality, and the private module restores it with the authority's p
 key into the lossless working copy. Every ROI of every frame is then compared with the
 source as decoded, at frame resolution: pooled PSNR inside the ROIs, the share that came
 back bit-exact, and on every `stride`-th frame SFace's and dlib's verdict on (source crop,
-restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels. The same judges also compare
+restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels. Flicker: inside each ROI, the
+mean absolute change from the previous frame (same sequence, the current frame's box), in
+the public file and in the source: a public face that shimmers changes more than the
+face it replaces. The same judges also compare
 the source crop with the public crop as released (the face blended over the face region,
 the rest of the box the source): with the originals sealed, that public face is not the
 paper's (see `tasks/datapath/deidentify.py`), so its privacy is measured here, on its own.
@@ -33,6 +36,7 @@ from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.release_check import MIN_IDENTITY_SIDE
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.held_out import HELD_OUT_FRACTION
+from tasks.evaluation.metrics import box_change
 from tasks.judges import DlibJudge, SFaceJudge
 
 _READ_CHUNK = 16
@@ -52,6 +56,8 @@ class SealedReversal:
     chunks_failed: int
     public_sface_same: float = math.nan  # x↔a: the released public crop judged the same person
     public_dlib_same: float = math.nan
+    public_flicker: float = math.nan  # mean |frame t - frame t-1| inside the ROIs, 0-255, public file
+    source_flicker: float = math.nan  # the same in the source
 
 
 def held_out_part(source: Path, dest: Path) -> Path:
@@ -72,6 +78,8 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
     authority = parse_private_key(generate_key_pair()[0])
     faces = exact = judged = sface_same = dlib_same = chunks_failed = public_sface = public_dlib = 0
     squared_error, pixels = 0.0, 0
+    change = {"public": 0.0, "source": 0.0}
+    change_values = 0
     with tempfile.TemporaryDirectory(prefix="uunet-eval-sealed-") as tmp:
         for index, clip in enumerate(clips):
             work = Path(tmp) / f"clip{index}"
@@ -86,16 +94,27 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                                          swapper=swapper, settings=settings, progress=False)
             chunks_failed += restored.chunks_failed
             rois = catalog.read("rois")
-            by_frame: dict[int, list[tuple[int, int, int, int]]] = {}
+            by_frame: dict[int, list[tuple[int, int, int, int, int]]] = {}
             for r in rois.itertuples():
-                by_frame.setdefault(int(r.frame_index), []).append((int(r.x), int(r.y), int(r.w), int(r.h)))
+                by_frame.setdefault(int(r.frame_index), []).append(
+                    (int(r.x), int(r.y), int(r.w), int(r.h), int(r.seq_id)))
             frames = sorted(by_frame)
+            previous: tuple[int, np.ndarray, np.ndarray] | None = None  # frame index, source, public
             for start in range(0, len(frames), _READ_CHUNK):
                 chunk = frames[start:start + _READ_CHUNK]
                 for f, src, back, pub in zip(chunk, read_frames(source, chunk),
                                              read_frames(work / "restored.mkv", chunk),
                                              read_frames(work / "public.mkv", chunk)):
-                    for x, y, w, h in by_frame[f]:
+                    if previous is not None and previous[0] == f - 1:
+                        earlier = {seq for *_, seq in by_frame[f - 1]}
+                        for x, y, w, h, seq in by_frame[f]:
+                            if seq in earlier:
+                                for name, before, now in (("source", previous[1], src), ("public", previous[2], pub)):
+                                    total, n = box_change(before, now, (x, y, w, h))
+                                    change[name] += total
+                                change_values += n
+                    previous = (f, src, pub)
+                    for x, y, w, h, _ in by_frame[f]:
                         a = src[y:y + h, x:x + w]
                         b = np.ascontiguousarray(back[y:y + h, x:x + w])
                         diff = a.astype(np.float64) - b.astype(np.float64)
@@ -118,4 +137,6 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
         psnr_db=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
         exact_fraction=exact / max(faces, 1), judged=judged, sface_same=sface_same / max(judged, 1),
         dlib_same=dlib_same / max(judged, 1), chunks_failed=chunks_failed,
-        public_sface_same=public_sface / max(judged, 1), public_dlib_same=public_dlib / max(judged, 1))
+        public_sface_same=public_sface / max(judged, 1), public_dlib_same=public_dlib / max(judged, 1),
+        public_flicker=change["public"] / change_values if change_values else math.nan,
+        source_flicker=change["source"] / change_values if change_values else math.nan)

@@ -194,3 +194,19 @@ def test_false_accept_rate_counts_different_people_pairs_once():
     # Different-subject pairs: (0,2) yes, (0,3) no, (1,2) no, (1,3) no, (2,3) yes → 2 of 5.
     assert false_accept_rate(same, subjects, seed=0).value == pytest.approx(0.4, abs=0.05)
     assert false_accept_rate(same, np.zeros(4, dtype=int), seed=0) is None
+
+
+def test_sealed_rows_fill_every_column_and_show_the_flicker_of_public_and_source():
+    from flows.evaluate import SEALED_HEADER, sealed_rows
+    from tasks.evaluation.sealed_reversal import SealedReversal
+
+    row = SealedReversal(quality="high", public_format="h264", clips=3, faces=166, psnr_db=42.35,
+                         exact_fraction=0.0, judged=83, sface_same=1.0, dlib_same=1.0, chunks_failed=0,
+                         public_sface_same=0.0, public_dlib_same=0.024, public_flicker=3.456, source_flicker=2.1)
+    (cells,) = sealed_rows([row], None)
+    assert len(cells) == len(SEALED_HEADER)
+    assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "3.46 / 2.10"
+    # No consecutive frames measured: a dash, not "nan".
+    row.public_flicker = row.source_flicker = math.nan
+    (cells,) = sealed_rows([row], None)
+    assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "— / —"

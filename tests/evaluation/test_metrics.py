@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tasks.evaluation.metrics import (average_precision, bootstrap, decidability, detection_matches, ks_pvalue, pearson,
-                                      psnr, roc_auc, roc_curve, ssim)
+from tasks.evaluation.metrics import (average_precision, bootstrap, box_change, decidability, detection_matches,
+                                      ks_pvalue, pearson, psnr, roc_auc, roc_curve, ssim)
 
 
 def test_decidability_hand_example() -> None:
@@ -178,3 +178,17 @@ def test_psnr():
     with pytest.raises(ValueError):
         psnr(a.astype(np.float32), a.astype(np.float32))
 
+
+
+def test_box_change_sums_absolute_differences_inside_the_box_only():
+    before = np.zeros((6, 8, 3), np.uint8)
+    after = before.copy()
+    after[1:3, 2:5] = 10  # inside the box: 2 x 3 pixels x 3 channels, 18 values of +10
+    after[2, 3, 0] = 250  # one of them 250 instead
+    after[5, 7] = 200  # outside the box: must not count
+    before[1, 2, 1] = 30  # and one fell from 30 to 10: |10 - 30| = 20, not -20
+    total, values = box_change(before, after, (2, 1, 4, 3))  # x 2..5, y 1..3
+    assert values == 4 * 3 * 3
+    assert total == 16 * 10 + 250 + 20
+    with pytest.raises(ValueError):
+        box_change(before, after.astype(np.float32), (0, 0, 2, 2))
