@@ -235,7 +235,8 @@ def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[Swe
             add(f"codec:{row.setting}", OURS, metric, Estimate(float(getattr(row, metric))))
     for row in sealed:
         for metric in ("psnr_db", "exact_fraction", "sface_same", "dlib_same", "public_sface_same",
-                       "public_dlib_same", "public_flicker", "source_flicker"):
+                       "public_dlib_same", "attack_random_sface", "attack_random_dlib", "attack_zero_sface",
+                       "attack_zero_dlib", "public_flicker", "source_flicker"):
             add("footage", f"sealed:{row.quality}", metric, Estimate(float(getattr(row, metric))))
     return rows
 
@@ -355,20 +356,24 @@ CODEC_HEADER = ["setting", "payload recovered", "PSNR ROI (payload) dB", "PSNR R
                 "SFace same person x↔r", "frames"]
 SEALED_HEADER = ["restore path", "public format", "faces restored", "PSNR ROI dB (frame resolution)", "bit-exact ROIs",
                  "SFace same person x↔r ↑", "dlib same person x↔r ↑", "SFace x↔a (public) ↓",
-                 "dlib x↔a (public) ↓", "ROI change per frame, public / source", "faces judged",
+                 "dlib x↔a (public) ↓", "keyless U_d, random key: SFace / dlib ↓",
+                 "keyless U_d, zero noise: SFace / dlib ↓", "ROI change per frame, public / source", "faces judged",
                  "sealed chunks failed"]
 
 
 def sealed_rows(sealed: list[SealedReversal], learned: MethodResult | None) -> list[list[str]]:
     rows = [[f"sealed ({r.quality})", r.public_format, str(r.faces), _num(r.psnr_db, ".2f"), f"{r.exact_fraction:.1%}",
              f"{r.sface_same:.1%}", f"{r.dlib_same:.1%}", _num(r.public_sface_same, ".1%"),
-             _num(r.public_dlib_same, ".1%"), f"{_num(r.public_flicker, '.2f')} / {_num(r.source_flicker, '.2f')}",
+             _num(r.public_dlib_same, ".1%"),
+             f"{_num(r.attack_random_sface, '.1%')} / {_num(r.attack_random_dlib, '.1%')} ({r.attack_judged})",
+             f"{_num(r.attack_zero_sface, '.1%')} / {_num(r.attack_zero_dlib, '.1%')}",
+             f"{_num(r.public_flicker, '.2f')} / {_num(r.source_flicker, '.2f')}",
              str(r.judged), str(r.chunks_failed)] for r in sealed]
     if learned is not None:  # the paper's path on the same clips' held-out faces, from the table above
         m = learned.metrics
         rows.append(["learned (U_d, `--seal none`)", "x264rgb", "—", _cell(m.get("psnr_x_r")) + " (64×64)", "—",
                      _cell(m.get("same_person_x_r")), _cell(m.get("dlib_same_person_x_r")),
-                     _cell(m.get("same_person_x_a")), _cell(m.get("dlib_same_person_x_a")), "—", "—", "—"])
+                     _cell(m.get("same_person_x_a")), _cell(m.get("dlib_same_person_x_a")), "—", "—", "—", "—", "—"])
     return rows
 
 

@@ -10,7 +10,11 @@ back bit-exact, and on every `stride`-th frame SFace's and dlib's verdict on (so
 restored crop) for ROIs of at least `MIN_IDENTITY_SIDE` pixels. Flicker: inside each ROI, the
 mean absolute change from the previous frame (same sequence, the current frame's box), in
 the public file and in the source: a public face that shimmers changes more than the
-face it replaces. The same judges also compare
+face it replaces. Keyless attack: what someone holding the public file and the shipped weights
+but no key can do. On every judged frame, our MTCNN finds the faces of the public frame, each
+box becomes a head ROI as the tracker makes it, and the shipped U_d runs on those ROIs with
+the noise of a random key and with zero noise; the judges compare each result with the
+source at the same ROI. The same judges also compare
 the source crop with the public crop as released (the face blended over the face region,
 the rest of the box the source): with the originals sealed, that public face is not the
 paper's (see `tasks/datapath/deidentify.py`), so its privacy is measured here, on its own.
@@ -31,9 +35,10 @@ from tasks.datapath.decode import probe, read_frames
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import ffmpeg_exe
-from tasks.datapath.keys import generate_key_pair, parse_private_key
+from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.release_check import MIN_IDENTITY_SIDE
+from tasks.datapath.track import Roi, head_roi
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.held_out import HELD_OUT_FRACTION
 from tasks.evaluation.metrics import box_change
@@ -56,6 +61,11 @@ class SealedReversal:
     chunks_failed: int
     public_sface_same: float = math.nan  # x↔a: the released public crop judged the same person
     public_dlib_same: float = math.nan
+    attack_judged: int = 0  # faces MTCNN found in the public frames, each attacked twice
+    attack_random_sface: float = math.nan  # U_d with a random key's noise: judged the same person
+    attack_random_dlib: float = math.nan
+    attack_zero_sface: float = math.nan  # U_d with zero noise
+    attack_zero_dlib: float = math.nan
     public_flicker: float = math.nan  # mean |frame t - frame t-1| inside the ROIs, 0-255, public file
     source_flicker: float = math.nan  # the same in the source
 
@@ -80,6 +90,9 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
     squared_error, pixels = 0.0, 0
     change = {"public": 0.0, "source": 0.0}
     change_values = 0
+    attack = {"random_sface": 0, "random_dlib": 0, "zero_sface": 0, "zero_dlib": 0}
+    attack_judged = 0
+    random_noise = DataKey.generate().noise
     with tempfile.TemporaryDirectory(prefix="uunet-eval-sealed-") as tmp:
         for index, clip in enumerate(clips):
             work = Path(tmp) / f"clip{index}"
@@ -114,6 +127,10 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                                     change[name] += total
                                 change_values += n
                     previous = (f, src, pub)
+                    if f % stride == 0:
+                        found = _keyless_attack(pub, src, detector, swapper, sface, dlib, random_noise,
+                                                settings.roi_scale, attack)
+                        attack_judged += found
                     for x, y, w, h, _ in by_frame[f]:
                         a = src[y:y + h, x:x + w]
                         b = np.ascontiguousarray(back[y:y + h, x:x + w])
@@ -138,5 +155,30 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
         exact_fraction=exact / max(faces, 1), judged=judged, sface_same=sface_same / max(judged, 1),
         dlib_same=dlib_same / max(judged, 1), chunks_failed=chunks_failed,
         public_sface_same=public_sface / max(judged, 1), public_dlib_same=public_dlib / max(judged, 1),
+        attack_judged=attack_judged,
+        **{f"attack_{name}": hits / attack_judged if attack_judged else math.nan for name, hits in attack.items()},
         public_flicker=change["public"] / change_values if change_values else math.nan,
         source_flicker=change["source"] / change_values if change_values else math.nan)
+
+
+def _keyless_attack(public: np.ndarray, source: np.ndarray, detector: FaceDetector, swapper: FaceSwapper,
+                    sface: SFaceJudge, dlib: DlibJudge, random_noise, roi_scale: float, hits: dict[str, int]) -> int:
+    """Attack one public frame (rule in the module docstring); adds to `hits`, returns the faces attacked."""
+    height, width = public.shape[:2]
+    (boxes,) = detector.detect(public[None])
+    rois = [Roi(0, i, *head_roi(box, width, height, roi_scale), None, False) for i, box in enumerate(boxes)]
+    rois = [r for r in rois if min(r.w, r.h) >= MIN_IDENTITY_SIDE]
+    if not rois:
+        return 0
+    regions = [(slice(r.y, r.y + r.h), slice(r.x, r.x + r.w)) for r in rois]
+    originals = [(sface.embed(np.ascontiguousarray(source[g])), dlib.embed(np.ascontiguousarray(source[g])))
+                 for g in regions]
+    zero = np.zeros_like(random_noise(0))
+    for name, noise_for in (("random", random_noise), ("zero", lambda seq_id: zero)):
+        attacked = public.copy()
+        swapper.restore([attacked], [rois], noise_for)
+        for region, (sface_x, dlib_x) in zip(regions, originals):
+            a = np.ascontiguousarray(attacked[region])
+            hits[f"{name}_sface"] += sface.same_person(sface_x, sface.embed(a))
+            hits[f"{name}_dlib"] += dlib.same_person(dlib_x, dlib.embed(a))
+    return len(rois)

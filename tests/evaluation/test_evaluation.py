@@ -202,11 +202,52 @@ def test_sealed_rows_fill_every_column_and_show_the_flicker_of_public_and_source
 
     row = SealedReversal(quality="high", public_format="h264", clips=3, faces=166, psnr_db=42.35,
                          exact_fraction=0.0, judged=83, sface_same=1.0, dlib_same=1.0, chunks_failed=0,
-                         public_sface_same=0.0, public_dlib_same=0.024, public_flicker=3.456, source_flicker=2.1)
+                         public_sface_same=0.0, public_dlib_same=0.024, attack_judged=80, attack_random_sface=0.0125,
+                         attack_random_dlib=0.05, attack_zero_sface=0.0, attack_zero_dlib=0.1,
+                         public_flicker=3.456, source_flicker=2.1)
     (cells,) = sealed_rows([row], None)
     assert len(cells) == len(SEALED_HEADER)
     assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "3.46 / 2.10"
+    assert cells[SEALED_HEADER.index("keyless U_d, random key: SFace / dlib ↓")] == "1.2% / 5.0% (80)"
+    assert cells[SEALED_HEADER.index("keyless U_d, zero noise: SFace / dlib ↓")] == "0.0% / 10.0%"
     # No consecutive frames measured: a dash, not "nan".
     row.public_flicker = row.source_flicker = math.nan
     (cells,) = sealed_rows([row], None)
     assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "— / —"
+
+
+class _PasteNothing:
+    """A swapper whose U_d changes nothing: the attack then hands back the frame it was given."""
+
+    def restore(self, frames, rois, noise_for):
+        assert all(noise_for(r.seq_id).shape == (64, 64) for frame_rois in rois for r in frame_rois)
+        return sum(len(r) for r in rois)
+
+
+class _PasteGrey(_PasteNothing):
+    def restore(self, frames, rois, noise_for):
+        for frame, frame_rois in zip(frames, rois):
+            for r in frame_rois:
+                frame[r.y:r.y + r.h, r.x:r.x + r.w] = 128
+        return super().restore(frames, rois, noise_for)
+
+
+def test_keyless_attack_counts_each_detected_face_under_both_noises(clips, one_thread):
+    from tasks.datapath.decode import read_frames
+    from tasks.datapath.keys import DataKey
+    from tasks.evaluation.sealed_reversal import _keyless_attack
+
+    (frame,) = read_frames(clips["wolfgang"], [5])
+    detector, sface, dlib = FaceDetector(batch_size=8), SFaceJudge(detector=YuNetDetector()), DlibJudge()
+    # Attacking the source itself with a U_d that changes nothing: every face is its own person.
+    hits = {"random_sface": 0, "random_dlib": 0, "zero_sface": 0, "zero_dlib": 0}
+    found = _keyless_attack(frame, frame, detector, _PasteNothing(), sface, dlib, DataKey.generate().noise,
+                            ROI_SCALE, hits)
+    assert found == 1  # one woman in the clip
+    assert hits == {"random_sface": 1, "random_dlib": 1, "zero_sface": 1, "zero_dlib": 1}
+    # A U_d that paints the ROI grey gives nobody back, and the source frame is left as it was.
+    hits = dict.fromkeys(hits, 0)
+    before = frame.copy()
+    assert _keyless_attack(frame, frame, detector, _PasteGrey(), sface, dlib, DataKey.generate().noise,
+                           ROI_SCALE, hits) == 1
+    assert hits["random_sface"] == hits["zero_sface"] == 0 and np.array_equal(frame, before)
