@@ -163,9 +163,8 @@ def check_public_stream(
     checked = list(frames) if frames is not None else list(range(probe(public_path).frame_count))
     outside: list[int] = []
     matches: list[int] = []
-    chunks = [checked[first:first + READ_CHUNK] for first in range(0, len(checked), READ_CHUNK)]
-    for indices, public, source in zip(chunks, iter_frames_at(public_path, checked, READ_CHUNK),
-                                       iter_frames_at(source_path, checked, READ_CHUNK)):
+    for (indices, public), (_, source) in zip(iter_frames_at(public_path, checked, READ_CHUNK),
+                                              iter_frames_at(source_path, checked, READ_CHUNK)):
         ours = detector.detect(public)
         for frame_index, pub, src, mtcnn_boxes in zip(indices, public, source, ours):
             rois = rois_of(frame_index, pub)

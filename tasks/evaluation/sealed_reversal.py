@@ -31,7 +31,7 @@ import numpy as np
 
 from catalogs import CatalogStore
 from tasks.datapath.anonymize import anonymize_video
-from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.decode import iter_frames_at, probe
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import ffmpeg_exe
@@ -113,11 +113,10 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                     (int(r.x), int(r.y), int(r.w), int(r.h), int(r.seq_id)))
             frames = sorted(by_frame)
             previous: tuple[int, np.ndarray, np.ndarray] | None = None  # frame index, source, public
-            for start in range(0, len(frames), _READ_CHUNK):
-                chunk = frames[start:start + _READ_CHUNK]
-                for f, src, back, pub in zip(chunk, read_frames(source, chunk),
-                                             read_frames(work / "restored.mkv", chunk),
-                                             read_frames(work / "public.mkv", chunk)):
+            readers = [iter_frames_at(path, frames, _READ_CHUNK)
+                       for path in (source, work / "restored.mkv", work / "public.mkv")]
+            for (chunk, sources), (_, restored_frames), (_, publics) in zip(*readers):
+                for f, src, back, pub in zip(chunk, sources, restored_frames, publics):
                     if previous is not None and previous[0] == f - 1:
                         earlier = {seq for *_, seq in by_frame[f - 1]}
                         for x, y, w, h, seq in by_frame[f]:
