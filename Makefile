@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-requirements
 ARCHIVE ?= samples
 OUT     ?= out
 
-.PHONY: install run test bench train variants eval eval-readme clean
+.PHONY: install run test bench train train-public variants eval eval-readme clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ train: install
 		--device $(TRAIN_DEVICE) --out $(TRAIN_OUT)/matcher.pt
 	$(PY) -m flows.train_uunet --corpus out/corpus --n-gan 3500 --steps $(UUNET_STEPS) --control=-1,0,0 \
 		--device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt --out $(TRAIN_OUT)/uunet.pt
+
+# The sealed default's public face: U_e of the bundled pair fine-tuned alone (no reconstruction
+# term; realism, anonymity, key-driven identity, MTCNN face-likeness, no grid), written as a
+# U_e-only float16 file. Resumes from its checkpoint; see models/weights/MODEL_CARD.md for the
+# steps of the bundled file and how long they took here.
+PUBLIC_STEPS ?= 20000
+train-public: install
+	$(PY) -m flows.train_uunet --public --corpus out/corpus --n-gan 3500 --init $(TRAIN_OUT)/uunet.pt \
+		--steps $(PUBLIC_STEPS) --device $(TRAIN_DEVICE) --matcher $(TRAIN_OUT)/matcher.pt \
+		--out $(TRAIN_OUT)/uunet-public.pt
 
 # Fine-tune the bundled pair to two other control vectors (gender kept, gender changed): the
 # variants `make eval` compares per s (the bundled ones: 510 and 513 steps, 32 min each here).

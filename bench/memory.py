@@ -21,7 +21,7 @@ from tasks.datapath.encode import ffmpeg_exe
 CHILD = """
 import json, resource, sys, time, torch
 torch.set_num_threads(1)
-from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import generate_key_pair, parse_public_key
 from tasks.datapath.anonymize import anonymize_video
@@ -30,7 +30,7 @@ settings = PipelineSettings()
 authority = parse_public_key(generate_key_pair()[1])
 record = anonymize_video(sys.argv[1], sys.argv[2], recipients=[authority], video_id="0" * 64,
                          detector=FaceDetector(batch_size=settings.batch_size),
-                         swapper=FaceSwapper(load_face_pair(settings.model, None)), settings=settings,
+                         swapper=FaceSwapper(load_pipeline_pair(settings.model, None, settings.seal)), settings=settings,
                          run_id="bench", progress=False)
 print(json.dumps({"frames": record.frame_count, "seconds": record.seconds["total"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -23,7 +23,7 @@ import torch
 
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import iter_frames, probe
-from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import VIDEO_FORMATS, VideoWriter
 from tasks.datapath.keys import generate_key_pair, parse_private_key
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = PipelineSettings(model=args.model, weights=args.weights, batch_size=args.batch_size,
                                 min_face_size=args.min_face_size, public_format=args.public_format, seal=args.seal)
     detector = FaceDetector(min_face_size=settings.min_face_size, batch_size=settings.batch_size)
-    swapper = FaceSwapper(load_face_pair(settings.model, settings.weights))
+    swapper = FaceSwapper(load_pipeline_pair(settings.model, settings.weights, settings.seal))
     authority = parse_private_key(generate_key_pair()[0])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

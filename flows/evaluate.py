@@ -44,7 +44,7 @@ from catalogs import CatalogStore, new_run_id, utc_now
 from catalogs.store import file_content_hash
 from flows.train_matcher import DEFAULT_CORPUS, DEFAULT_N_GAN, prepare_corpus
 from tasks.datapath.anonymize import anonymize_video
-from tasks.datapath.deidentify import FacePair, FaceSwapper, load_face_pair
+from tasks.datapath.deidentify import FacePair, FaceSwapper, load_face_pair, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.encode import ffmpeg_exe
 from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
@@ -52,9 +52,22 @@ from tasks.datapath.seal import QUALITIES
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.baselines import BASELINES
 from tasks.evaluation.codec_sweep import CODEC_SETTINGS, SweepRow, sweep
-from tasks.evaluation.evaluate import (CONTROL_METRICS, N_RESAMPLES, OURS, Estimate, FaceSet, JudgedOriginals, Judges,
-                                       MethodResult, collect_faces, compare_controls, evaluate_methods, judge_originals,
-                                       roc_points)
+from tasks.evaluation.evaluate import (
+    CONTROL_METRICS,
+    N_RESAMPLES,
+    OURS,
+    Estimate,
+    FaceSet,
+    JudgedOriginals,
+    Judges,
+    MethodResult,
+    collect_faces,
+    compare_controls,
+    evaluate_methods,
+    judge_originals,
+    public_face_measures,
+    roc_points,
+)
 from tasks.evaluation.labelled_faces import GalleryRun, run_split, select_split
 from tasks.evaluation.metrics import decidability
 from tasks.evaluation.sealed_reversal import SealedReversal, measure_sealed_reversal
@@ -126,6 +139,8 @@ class DatasetResult:
     originals: JudgedOriginals
     controls: dict[str, dict[str, Any]] = field(default_factory=dict)
     gallery: GalleryRun | None = None
+    public: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # mode → `public_face_measures`
+    public_sources: dict[str, str] = field(default_factory=dict)  # mode → the weights its U_e came from
 
 
 def _keys(seed: int) -> tuple[DataKey, DataKey]:
@@ -181,9 +196,10 @@ def cut_clip(source: Path, dest: Path, frames: int) -> Path:
 
 @task(task_run_name="sealed reversal ({quality}) on {n_clips} clips", cache_policy=NO_CACHE, persist_result=False)
 def sealed_reversal(clips: list[str], n_clips: int, quality: str, pair: FacePair, settings: PipelineSettings,
-                    judges: Judges, stride: int) -> SealedReversal:
+                    judges: Judges, stride: int, sheets_dir: str | None = None) -> SealedReversal:
     return measure_sealed_reversal([Path(c) for c in clips], quality, judges.detector, FaceSwapper(pair),
-                                   judges.sface, judges.dlib, settings, stride)
+                                   judges.sface, judges.dlib, settings, stride, judges.sface.detector,
+                                   Path(sheets_dir) if sheets_dir else None)
 
 
 @task(task_run_name="codec sweep on {frames} frames", cache_policy=NO_CACHE, persist_result=False)
@@ -227,6 +243,9 @@ def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[Swe
             for metric, est in row.items():
                 if isinstance(est, Estimate):
                     add(dataset, f"{OURS}:{variant}", metric, est)
+        for mode, values in data.public.items():
+            for metric, est in values.items():
+                add(dataset, f"public:{PUBLIC_MODES[mode][0]}", metric, est)
         if data.gallery is not None:
             g = data.gallery
             add(dataset, OURS, "pipeline_face_found_rate", Estimate(g.faces_found / max(g.faces_selected, 1)))
@@ -236,7 +255,8 @@ def metric_rows(run_id: str, datasets: dict[str, DatasetResult], codec: list[Swe
     for row in sealed:
         for metric in ("psnr_db", "exact_fraction", "sface_same", "dlib_same", "public_sface_same",
                        "public_dlib_same", "attack_random_sface", "attack_random_dlib", "attack_zero_sface",
-                       "attack_zero_dlib", "public_flicker", "source_flicker"):
+                       "attack_zero_dlib", "public_flicker", "source_flicker", "mtcnn_public_found",
+                       "yunet_public_found"):
             add("footage", f"sealed:{row.quality}", metric, Estimate(float(getattr(row, metric))))
     return rows
 
@@ -337,6 +357,25 @@ def control_rows(controls: dict[str, dict[str, Any]]) -> list[list[str]]:
             for name, row in controls.items()]
 
 
+PUBLIC_MODES = {  # row label → (pipeline seal mode, blended over the face region)
+    "default (sealed): blended over the face region": ("high", True),
+    "`--seal none`: the whole box": ("none", False),
+}
+PUBLIC_HEADER = ["mode", "U_e", "faces", "MTCNN finds a where it finds x ↑", "YuNet finds a where it finds x ↑",
+                 "SFace x↔a ↓", "dlib x↔a ↓", "SFace / dlib false-accept (x, two people)", "temporal d′ ↑",
+                 "diversity: SFace / dlib same, other key ↓", "diversity: other real sequence ↓"]
+
+
+def public_rows(data: DatasetResult) -> list[list[str]]:
+    ref = data.results["original"].metrics
+    far = f"{_cell(ref.get('same_person_impostor'))} / {_cell(ref.get('dlib_same_person_impostor'))}"
+    return [[mode, data.public_sources.get(mode, "—"), _num(m["faces"].value, ".0f"), _cell(m.get("mtcnn_found_a")), _cell(m.get("yunet_found_a")),
+             _cell(m.get("same_person_x_a")), _cell(m.get("dlib_same_person_x_a")), far,
+             _cell(m.get("temporal_d_prime")),
+             f"{_cell(m.get('diversity_same_rate'))} / {_cell(m.get('dlib_diversity_same_rate'))}",
+             _cell(m.get("diversity_seq_same_rate"))] for mode, m in data.public.items()]
+
+
 CONTROL_HEADER = ["weights", "s", "gender agreement x↔a", "judge on a = catalog label",
                   "SFace same person x↔a", "dlib same person x↔a", "MTCNN detects a"]
 
@@ -357,8 +396,8 @@ CODEC_HEADER = ["setting", "payload recovered", "PSNR ROI (payload) dB", "PSNR R
 SEALED_HEADER = ["restore path", "public format", "faces restored", "PSNR ROI dB (frame resolution)", "bit-exact ROIs",
                  "SFace same person x↔r ↑", "dlib same person x↔r ↑", "SFace x↔a (public) ↓",
                  "dlib x↔a (public) ↓", "keyless U_d, random key: SFace / dlib ↓",
-                 "keyless U_d, zero noise: SFace / dlib ↓", "ROI change per frame, public / source", "faces judged",
-                 "sealed chunks failed"]
+                 "keyless U_d, zero noise: SFace / dlib ↓", "ROI change per frame, public / source",
+                 "public face found again: MTCNN / YuNet ↑", "faces judged", "sealed chunks failed"]
 
 
 def sealed_rows(sealed: list[SealedReversal], learned: MethodResult | None) -> list[list[str]]:
@@ -368,12 +407,14 @@ def sealed_rows(sealed: list[SealedReversal], learned: MethodResult | None) -> l
              f"{_num(r.attack_random_sface, '.1%')} / {_num(r.attack_random_dlib, '.1%')} ({r.attack_judged})",
              f"{_num(r.attack_zero_sface, '.1%')} / {_num(r.attack_zero_dlib, '.1%')}",
              f"{_num(r.public_flicker, '.2f')} / {_num(r.source_flicker, '.2f')}",
+             f"{_num(r.mtcnn_public_found, '.1%')} ({r.mtcnn_source_faces}) / "
+             f"{_num(r.yunet_public_found, '.1%')} ({r.yunet_source_faces})",
              str(r.judged), str(r.chunks_failed)] for r in sealed]
     if learned is not None:  # the paper's path on the same clips' held-out faces, from the table above
         m = learned.metrics
         rows.append(["learned (U_d, `--seal none`)", "x264rgb", "—", _cell(m.get("psnr_x_r")) + " (64×64)", "—",
                      _cell(m.get("same_person_x_r")), _cell(m.get("dlib_same_person_x_r")),
-                     _cell(m.get("same_person_x_a")), _cell(m.get("dlib_same_person_x_a")), "—", "—", "—", "—", "—"])
+                     _cell(m.get("same_person_x_a")), _cell(m.get("dlib_same_person_x_a")), "—", "—", "—", "—", "—", "—"])
     return rows
 
 
@@ -387,6 +428,10 @@ def headline_markdown(datasets: dict[str, DatasetResult], codec: list[SweepRow],
         parts += [f"**{data.title}**: {data.description}", "",
                   _markdown_table(["measure", "x", *METHODS], [[label, *cells] for label, cells in
                                                                headline_rows(data.results)]), ""]
+        if data.public:
+            parts += ["The public face per mode (each U_e on the same 64×64 x, one keyed noise per sequence; the "
+                      "default lays it over x with the pipeline's face-region weights):", "",
+                      _markdown_table(PUBLIC_HEADER, public_rows(data)), ""]
         if data.controls:
             parts += ["Per control vector s (each pair's U_e on the same 64×64 x with the same noise, drawn "
                       "afresh per face, before any paste: the rows differ only by training):", "",
@@ -436,9 +481,16 @@ def write_report(out: Path, params: dict[str, Any], datasets: dict[str, DatasetR
                     "noise (drawn afresh per face); only the s it was trained with differs.</p>"
                     + _html_table(CONTROL_HEADER, control_rows(data.controls))) if data.controls else ""
         images = "".join(f'<p><img src="{n}" alt="{n}"></p>' for n in plots if n.endswith(f"_{key}.png"))
+        public = ("<h3>The public face per mode</h3>" + _html_table(PUBLIC_HEADER, public_rows(data))
+                  ) if data.public else ""
         sections.append(f"<h2>{html.escape(data.title)}</h2><p>{html.escape(data.description)}</p>"
-                        f"{table}{controls}{images}")
+                        f"{table}{public}{controls}{images}")
     codec_plot = '<p><img src="codec_sweep.png" alt="codec sweep"></p>' if "codec_sweep.png" in plots else ""
+    sheet_names = [Path(p).name for r in sealed or [] for p in r.contact_sheets]
+    sheets_html = ("<h3>Contact sheets</h3><p>Per clip, a few held-out frames around the faces: original | public "
+                   "(as released) | restored from the sealed originals.</p>"
+                   + "".join(f'<p><img src="sheets/{html.escape(n)}" alt="{html.escape(n)}"></p>' for n in sheet_names)
+                   ) if sheet_names else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>UU-Net evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}
 table{{border-collapse:collapse}}td:not(:first-child){{text-align:right}}</style></head><body>
@@ -456,6 +508,7 @@ sequence noise and no inverse.</p>
 <p>The held-out quarter of each clip through the real modules in the release format; every restored ROI against
 the decoded source at frame resolution.</p>
 {_html_table(SEALED_HEADER, sealed_rows(sealed or [], None))}
+{sheets_html}
 <h2>Codec robustness (one public stream: first {params['codec_frames']} frames of
 <code>{html.escape(Path(params['codec_clip']).name)}</code>)</h2>
 <p>Payload ROIs: frames whose hidden payload still authenticates after the re-encode; oracle ROIs: the lossless
@@ -531,11 +584,21 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
             raise ValueError("nothing to evaluate: no clips and no faces catalog")
         for data in datasets.values():
             data.controls = score_controls(data.title, data, pairs, judges, settings.roi_scale, seed)
+            for mode, (seal, blend) in PUBLIC_MODES.items():
+                mode_pair = load_pipeline_pair(model, weights, seal)
+                data.public_sources[mode] = Path(mode_pair.source.split(" (U_e)")[0]).name
+                data.public[mode] = public_face_measures(data.faces, mode_pair.encoder, mode_pair.device,
+                                                         _keys(seed)[0], judges, settings.roi_scale, blend, seed,
+                                                         data.originals)
         codec = codec_robustness(codec_clip, codec_frames, pair, settings, judges, codec_settings, seed) \
             if codec_frames > 0 else []
         qualities = ["high", "exact"] if sealed_qualities is None else sealed_qualities
-        sealed = [sealed_reversal(clip_paths, len(clip_paths), quality, pair, settings, judges, stride)
-                  for quality in qualities] if clip_paths else []
+        # Each mode with the U_e the data path runs for it (`load_pipeline_pair`): where the
+        # originals are sealed, the public-only one. Contact sheets for the first mode only.
+        sealed = [sealed_reversal(clip_paths, len(clip_paths), quality,
+                                  load_pipeline_pair(model, weights, quality), settings, judges, stride,
+                                  str(out_dir / "sheets") if i == 0 else None)
+                  for i, quality in enumerate(qualities)] if clip_paths else []
     plots = _plots(out_dir, datasets, codec)
     seconds = time.perf_counter() - t0
 
@@ -548,6 +611,7 @@ def evaluate(clips_dir: str = str(DEFAULT_CLIPS), out: str = "out/eval", model: 
             "faces": {"total": len(data.faces.x), "per_subject": _per_subject(data.faces)},
             "results": {m: {k: _json_value(v) for k, v in r.metrics.items()} for m, r in data.results.items()},
             "controls": {name: _json_row(row) for name, row in data.controls.items()},
+            "public": {PUBLIC_MODES[mode][0]: {k: _json_value(v) for k, v in m.items()} for mode, m in data.public.items()},
             "gallery": None if data.gallery is None else {**asdict(data.gallery),
                                                           "faces_missed": data.gallery.faces_missed},
         } for key, data in datasets.items()},

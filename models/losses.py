@@ -258,3 +258,49 @@ def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, floa
     if missing:
         raise KeyError(f"no weight for loss term(s) {missing}; known: {sorted(weights)}")
     return torch.stack([weights[name] * value for name, value in terms.items()]).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# The public-only U_e (sealed default): our terms, not the paper's
+# --------------------------------------------------------------------------------------------
+# Where the originals are sealed, U_e is trained alone: no U_d, so the critic sees one kind
+# of fake and the public face need not carry x. See tasks.training.loops.train_public_encoder.
+
+def public_critic_loss(d_x: torch.Tensor, d_a: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 with a single kind of fake: L_Df = −E[D_f(x)] + E[D_f(a)]."""
+    return -d_x.mean() + d_a.mean()
+
+
+def checkerboard_excess(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Energy of a's 2×2 checkerboard pattern beyond x's: E[relu(c(a) − c(x))], per image.
+
+    Transposed 4×4 stride-2 convolutions print a period-2 grid on their output; in a real
+    face that pattern (the Nyquist component of each 2×2 block) is faint. Penalising only
+    the excess over the source leaves real texture alone.
+    """
+    kernel = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], device=a.device).div_(4).expand(a.shape[1], 1, 2, 2)
+
+    def energy(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=t.shape[1]).abs().mean(dim=(1, 2, 3))
+
+    return F.relu(energy(a) - energy(x)).mean()
+
+
+def face_likeness_loss(face_scorers: Sequence[tuple[nn.Module, int]], faces: torch.Tensor) -> torch.Tensor:
+    """E[−log p_face] of frozen face classifiers, each on the face square resized to its input size.
+
+    `face_scorers` are (net, size) pairs whose forward takes (N, 3, size, size) normalised as
+    MTCNN's nets expect ((255·v − 127.5) / 128) and returns the face probability last.
+    `faces` are (N, 3, 64, 64) head ROIs in [0, 1]; the face square is their central 1/1.3
+    (`track.head_roi` enlarges the detector's box by 1.3).
+    """
+    n = faces.shape[-1]
+    side = round(n / 1.3)
+    lo = (n - side) // 2
+    square = faces[..., lo : lo + side, lo : lo + side].mul(255.0).sub(127.5).div(128.0)
+    total = faces.new_zeros(())
+    for net, size in face_scorers:
+        crop = F.interpolate(square, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        probability = net(crop)[-1].reshape(len(faces), -1).mean(dim=1)
+        total = total - torch.log(probability.clamp_min(1e-6)).mean()
+    return total / max(len(face_scorers), 1)

@@ -22,7 +22,9 @@ def build_pair(name: str, config: dict[str, Any] | None = None) -> tuple[nn.Modu
         widths = tuple(config.get("widths", (32, 64, 128, 256)))
         dropout = float(config.get("dropout", 0.0))
         keyed = bool(config.get("keyed", True))
-        return UNetEncoder(widths, dropout), UNetDecoder(keyed, widths, dropout)
+        # output_blur: the public-only U_e's fixed anti-checkerboard filter (models/unet.py).
+        return (UNetEncoder(widths, dropout, bool(config.get("output_blur", False))),
+                UNetDecoder(keyed, widths, dropout))
     if name == "keyed-permutation":
         return PermutationEncoder(), PermutationDecoder()
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -9,6 +9,7 @@ output), narrowed so both nets fit in a few MB and run fast on a CPU.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FACE_SIZE = 64
@@ -52,9 +53,17 @@ class UNet(nn.Module):
         out_channels: int = 3,
         widths: tuple[int, ...] = (32, 64, 128, 256),
         dropout: float = 0.0,
+        output_blur: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.output_blur = output_blur
+        # A fixed 3×3 binomial filter on the output logits: its response at the 2-pixel period
+        # is exactly zero, so the checkerboard the last transposed convolution prints cannot
+        # pass, and it has no parameters, so a trained pair's weights load unchanged.
+        binomial = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("_blur", (torch.outer(binomial, binomial) / 16).expand(out_channels, 1, 3, 3).clone(),
+                             persistent=False)
         self.widths = tuple(widths)
         self.downs = nn.ModuleList()
         cin = in_channels
@@ -82,15 +91,19 @@ class UNet(nn.Module):
         for up in self.ups:
             x = up(x)
             x = torch.cat([x, skips.pop()], dim=1)
-        return torch.sigmoid(self.head(x))
+        x = self.head(x)
+        if self.output_blur:
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self._blur, groups=x.shape[1])
+        return torch.sigmoid(x)
 
 
 class UNetEncoder(nn.Module):
     """U_e: a = U_e(x ⊕ noise)."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.0) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.0,
+                 output_blur: bool = False) -> None:
         super().__init__()
-        self.net = UNet(4, 3, widths, dropout)
+        self.net = UNet(4, 3, widths, dropout, output_blur)
 
     def forward(self, faces: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([faces, noise], dim=1))

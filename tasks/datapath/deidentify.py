@@ -28,6 +28,8 @@ from models.unet import FACE_SIZE
 from tasks.datapath.track import Roi, face_region
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights" / "uunet.pt"
+# U_e alone, trained for the public face where the originals are sealed (models/weights/MODEL_CARD.md).
+DEFAULT_PUBLIC_WEIGHTS = DEFAULT_WEIGHTS.with_name("uunet-public.pt")
 WEIGHTS_FORMAT = "uunet-pair/1"
 
 NoiseFor = Callable[[int], np.ndarray]  # sequence id → (64, 64) float32 keyed noise
@@ -43,20 +45,21 @@ class FacePair:
 
     name: str
     encoder: nn.Module
-    decoder: nn.Module
+    decoder: nn.Module | None  # None: a public-only U_e (sealed default), no learned reversal
     device: torch.device
     source: str  # weights file, or "built-in" for parameter-free stand-ins
     meta: dict[str, Any] = field(default_factory=dict)  # the weights file's training record (step, s, ...)
 
 
 def save_face_pair(
-    path: str | Path, name: str, encoder: nn.Module, decoder: nn.Module,
+    path: str | Path, name: str, encoder: nn.Module, decoder: nn.Module | None,
     config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None, half: bool = False,
 ) -> Path:
     """Write a weights file the pipeline can load: model name + config + both state dicts.
 
     `half` stores floating tensors as float16 (half the size; loading casts them back to the
     module's float32): for variants kept for comparison, not for the pipeline's default pair.
+    `decoder` None writes a public-only U_e (the sealed default's), which cannot restore.
     """
 
     def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -74,7 +77,7 @@ def save_face_pair(
             "config": dict(config or {}),
             "meta": dict(meta or {}),
             "encoder": tensors(encoder),
-            "decoder": tensors(decoder),
+            "decoder": None if decoder is None else tensors(decoder),
         },
         tmp,
     )
@@ -100,12 +103,36 @@ def load_face_pair(model: str, weights: str | Path | None, device: str | torch.d
     encoder, decoder = build_pair(model, blob["config"] if blob else None)
     if blob is not None:
         encoder.load_state_dict(blob["encoder"])
-        decoder.load_state_dict(blob["decoder"])
+        if blob["decoder"] is None:
+            decoder = None
+        else:
+            decoder.load_state_dict(blob["decoder"])
     elif has_parameters(encoder):
         raise WeightsError(f"model {model!r} needs a weights file")
     source = str(Path(weights) if weights else DEFAULT_WEIGHTS) if blob is not None else "built-in"
-    return FacePair(model, encoder.to(device).eval(), decoder.to(device).eval(), device, source,
+    return FacePair(model, encoder.to(device).eval(), None if decoder is None else decoder.to(device).eval(),
+                    device, source,
                     dict(blob.get("meta") or {}) if blob is not None else {})
+
+
+def load_pipeline_pair(model: str, weights: str | Path | None, seal: str,
+                       device: str | torch.device = "cpu") -> FacePair:
+    """The pair the data path runs: `weights` when given; else, for the bundled uunet, the
+    public-only U_e where the originals are sealed (the public face then need not carry x)
+    if one is bundled (`DEFAULT_PUBLIC_WEIGHTS`), the joint pair's U_e for `--seal none`
+    (U_d must reverse its output) or when none is bundled, and the joint pair's U_d for the
+    learned restore path in every case.
+    """
+    if weights or model != "uunet" or seal == "none" or not DEFAULT_PUBLIC_WEIGHTS.is_file():
+        pair = load_face_pair(model, weights, device)
+        if seal == "none" and pair.decoder is None:
+            raise WeightsError(f"{pair.source} holds a public-only U_e: with --seal none nothing but U_d can "
+                               f"restore, so the public face must come from a pair file such as {DEFAULT_WEIGHTS}")
+        return pair
+    joint = load_face_pair(model, DEFAULT_WEIGHTS, device)
+    public = load_face_pair(model, DEFAULT_PUBLIC_WEIGHTS, device)
+    return FacePair(model, public.encoder, joint.decoder, joint.device, f"{public.source} (U_e) + {joint.source} (U_d)",
+                    {"encoder": public.meta, "decoder": joint.meta})
 
 
 def crop_faces(frame: np.ndarray, rois: Sequence[Roi], device: torch.device) -> torch.Tensor:
@@ -191,6 +218,9 @@ class FaceSwapper:
         return self._apply(self.pair.encoder, frames, rois, noise_for, smoother, blend)
 
     def restore(self, frames: Sequence[np.ndarray], rois: Sequence[Sequence[Roi]], noise_for: NoiseFor) -> int:
+        if self.pair.decoder is None:
+            raise WeightsError(f"{self.pair.source} holds a public-only U_e (the sealed default's): it has no "
+                               f"U_d to restore with; use a pair file such as {DEFAULT_WEIGHTS}")
         return self._apply(self.pair.decoder, frames, rois, noise_for)
 
     @torch.inference_mode()

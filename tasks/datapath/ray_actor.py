@@ -13,7 +13,7 @@ import ray
 
 from catalogs import CatalogStore
 from tasks.datapath.anonymize import anonymize_video
-from tasks.datapath.deidentify import FaceSwapper, load_face_pair
+from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import AuthorityPrivateKey, AuthorityPublicKey
 from tasks.datapath.reconstruct import reconstruct_video
@@ -39,7 +39,7 @@ class FaceWorkerImpl:
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         self.device = _pick_device(settings.device)
-        self.pair = load_face_pair(settings.model, settings.weights, self.device)
+        self.pair = load_pipeline_pair(settings.model, settings.weights, settings.seal, self.device)
         self.swapper = FaceSwapper(self.pair)
         self._detector: FaceDetector | None = None
         self._judge: SFaceJudge | None = None

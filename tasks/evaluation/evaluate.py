@@ -41,10 +41,29 @@ from catalogs.store import file_content_hash
 from tasks.datapath.deidentify import FacePair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import DataKey
-from tasks.evaluation.held_out import (CONTEXT_BORDER, CONTEXT_UPSAMPLE, SEQ_ID, from_uint8, in_context, run_clip,
-                                       to_uint8, video_noise)
-from tasks.evaluation.metrics import (average_precision, bootstrap, bootstrap_two_samples, decidability,
-                                      detection_matches, ks_pvalue, pearson, psnr, roc_auc, roc_curve, ssim)
+from tasks.evaluation.held_out import (
+    CONTEXT_BORDER,
+    CONTEXT_UPSAMPLE,
+    SEQ_ID,
+    from_uint8,
+    in_context,
+    run_clip,
+    to_uint8,
+    video_noise,
+)
+from tasks.evaluation.metrics import (
+    average_precision,
+    bootstrap,
+    bootstrap_two_samples,
+    decidability,
+    detection_matches,
+    ks_pvalue,
+    pearson,
+    psnr,
+    roc_auc,
+    roc_curve,
+    ssim,
+)
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 
 OURS = "ours"
@@ -502,3 +521,61 @@ def compare_controls(faces: FaceSet, pairs: Mapping[str, FacePair], judges: Judg
 def roc_points(env: Environment) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = roc_curve(env.genuine, env.impostor)
     return fpr, tpr
+
+
+# --- the public face per mode ----------------------------------------------------------
+
+@torch.inference_mode()
+def public_face_measures(faces: FaceSet, encoder: torch.nn.Module, device: torch.device, key: DataKey,
+                         judges: Judges, roi_scale: float, blend: bool, seed: int = 0,
+                         originals: JudgedOriginals | None = None) -> dict[str, Estimate]:
+    """What the public sees of one U_e, on the same x as the rest of the evaluation.
+
+    Each (subject, sequence) gets its own keyed noise, as a sequence does in the pipeline;
+    with `blend` the face is laid over x with the pipeline's face-region weights
+    (`tasks/datapath/track.py`, the sealed default), else it replaces the whole crop (`--seal
+    none`). Measures: MTCNN and YuNet find a where they find x; SFace and dlib x↔a; temporal
+    d′ (faces of one subject's virtual identity against other subjects', as `ours_only`);
+    diversity: the same x under another sequence's noise, and, where the data has them, the
+    subject's other real sequences, judged the same person.
+    """
+    from tasks.datapath.track import face_region  # numpy only
+
+    originals = originals or judge_originals(faces, judges, roi_scale)
+    sequences = faces.sequences if faces.sequences is not None else np.zeros(len(faces.x), dtype=int)
+    x_in = from_uint8(faces.x, device)
+    weights = torch.from_numpy(face_region(x_in.shape[-1], x_in.shape[-2]).copy()).to(device)
+
+    def public(seq_offset: int) -> np.ndarray:
+        out = []
+        for start in range(0, len(x_in), 256):
+            rows = range(start, min(start + 256, len(x_in)))
+            noise = torch.stack([torch.from_numpy(video_noise(key, faces.subject_names[faces.subjects[i]],
+                                                              int(sequences[i]) + seq_offset)) for i in rows])
+            x = x_in[start:rows.stop]
+            a = encoder(x, noise.to(device)[:, None])
+            out.append(to_uint8(torch.lerp(x, a, weights) if blend else a))
+        return np.concatenate(out)
+
+    a, a_other = public(0), public(1_000_000)  # 1e6: no real sequence of the data has that id
+    emb_x, emb_a, emb_other = originals.sface, embed_all(judges.sface, a), embed_all(judges.sface, a_other)
+    threshold = judges.sface.threshold
+    found_x = {"mtcnn": originals.detections.hit, "yunet": detect_faces(judges.sface.detector, faces.x, roi_scale).hit}
+    found_a = {"mtcnn": detect_faces(judges.detector, a, roi_scale).hit,
+               "yunet": detect_faces(judges.sface.detector, a, roi_scale).hit}
+    out: dict[str, Estimate] = {"faces": Estimate(float(len(a)))}
+    for name in found_x:
+        if found_x[name].any():
+            out[f"{name}_found_a"] = rate(found_a[name][found_x[name]], seed)
+    out["same_person_x_a"] = rate(np.sum(emb_x * emb_a, axis=1) >= threshold, seed)
+    out["diversity_same_rate"] = rate(np.sum(emb_a * emb_other, axis=1) >= threshold, seed)
+    if originals.dlib is not None:
+        dlib_a = dlib_embed_all(judges.dlib, a)
+        out["dlib_same_person_x_a"] = dlib_same_rate(judges.dlib, originals.dlib, dlib_a, seed)
+        out["dlib_diversity_same_rate"] = dlib_same_rate(judges.dlib, dlib_a, dlib_embed_all(judges.dlib, a_other),
+                                                         seed)
+    if (temporal := environment_or_none(emb_a, emb_a, faces.subjects)) is not None:
+        out.update(temporal.summary("temporal", seed))
+    if (across := sequence_environment(emb_a, faces.subjects, faces.sequences)) is not None:
+        out["diversity_seq_same_rate"] = rate(across.genuine >= threshold, seed)
+    return out

@@ -18,6 +18,10 @@ source at the same ROI. The same judges also compare
 the source crop with the public crop as released (the face blended over the face region,
 the rest of the box the source): with the originals sealed, that public face is not the
 paper's (see `tasks/datapath/deidentify.py`), so its privacy is measured here, on its own.
+Realism: on every judged frame, MTCNN and YuNet (which we did not train) run on the source
+and on the public frame; each source face inside a ROI counts once, and is found again when
+a public detection overlaps it with IoU >= `DETECTION_IOU`. `sheets_dir` gets one contact
+sheet per clip (`contact_sheet`): original | public | restored around the faces of a few frames.
 """
 from __future__ import annotations
 
@@ -38,13 +42,16 @@ from tasks.datapath.encode import ffmpeg_exe
 from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.release_check import MIN_IDENTITY_SIDE
-from tasks.datapath.track import Roi, head_roi
+from tasks.datapath.track import Roi, head_roi, iou
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.held_out import HELD_OUT_FRACTION
 from tasks.evaluation.metrics import box_change
-from tasks.judges import DlibJudge, SFaceJudge
+from tasks.judges import DlibJudge, SFaceJudge, YuNetDetector
 
 _READ_CHUNK = 16
+DETECTION_IOU = 0.5
+SHEET_FRAMES = 4  # rows of a contact sheet, spread over the clip's judged frames
+SHEET_ROW_HEIGHT = 160
 
 
 @dataclass
@@ -68,6 +75,11 @@ class SealedReversal:
     attack_zero_dlib: float = math.nan
     public_flicker: float = math.nan  # mean |frame t - frame t-1| inside the ROIs, 0-255, public file
     source_flicker: float = math.nan  # the same in the source
+    mtcnn_source_faces: int = 0  # source faces inside a ROI that MTCNN finds, judged frames
+    mtcnn_public_found: float = math.nan  # of those, the share MTCNN finds again in the public frame
+    yunet_source_faces: int = 0
+    yunet_public_found: float = math.nan
+    contact_sheets: tuple[str, ...] = ()
 
 
 def held_out_part(source: Path, dest: Path) -> Path:
@@ -83,7 +95,8 @@ def held_out_part(source: Path, dest: Path) -> Path:
 
 def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetector, swapper: FaceSwapper,
                             sface: SFaceJudge, dlib: DlibJudge, base: PipelineSettings,
-                            stride: int = 2) -> SealedReversal:
+                            stride: int = 2, yunet: YuNetDetector | None = None,
+                            sheets_dir: Path | None = None) -> SealedReversal:
     settings = PipelineSettings(**{**base.__dict__, "public_format": "h264", "seal": quality})
     authority = parse_private_key(generate_key_pair()[0])
     faces = exact = judged = sface_same = dlib_same = chunks_failed = public_sface = public_dlib = 0
@@ -93,6 +106,9 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
     attack = {"random_sface": 0, "random_dlib": 0, "zero_sface": 0, "zero_dlib": 0}
     attack_judged = 0
     random_noise = DataKey.generate().noise
+    yunet = yunet or YuNetDetector()
+    detection = {"mtcnn_source": 0, "mtcnn_public": 0, "yunet_source": 0, "yunet_public": 0}
+    sheets: list[str] = []
     with tempfile.TemporaryDirectory(prefix="uunet-eval-sealed-") as tmp:
         for index, clip in enumerate(clips):
             work = Path(tmp) / f"clip{index}"
@@ -113,6 +129,9 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                     (int(r.x), int(r.y), int(r.w), int(r.h), int(r.seq_id)))
             frames = sorted(by_frame)
             previous: tuple[int, np.ndarray, np.ndarray] | None = None  # frame index, source, public
+            judged_frames = [f for f in frames if f % stride == 0]
+            sheet_frames = set(judged_frames[:: max(1, len(judged_frames) // SHEET_FRAMES)][:SHEET_FRAMES])
+            sheet_rows: list[np.ndarray] = []
             readers = [iter_frames_at(path, frames, _READ_CHUNK)
                        for path in (source, work / "restored.mkv", work / "public.mkv")]
             for (chunk, sources), (_, restored_frames), (_, publics) in zip(*readers):
@@ -127,9 +146,16 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                                 change_values += n
                     previous = (f, src, pub)
                     if f % stride == 0:
-                        found = _keyless_attack(pub, src, detector, swapper, sface, dlib, random_noise,
+                        (public_boxes,) = detector.detect(pub[None])
+                        found = _keyless_attack(pub, src, public_boxes, swapper, sface, dlib, random_noise,
                                                 settings.roi_scale, attack)
                         attack_judged += found
+                        (source_boxes,) = detector.detect(src[None])
+                        rois_here = [r[:4] for r in by_frame[f]]
+                        _count_refound(source_boxes, public_boxes, rois_here, detection, "mtcnn")
+                        _count_refound(yunet.detect(src), yunet.detect(pub), rois_here, detection, "yunet")
+                    if sheets_dir is not None and f in sheet_frames:
+                        sheet_rows.append(contact_row(src, pub, back, [r[:4] for r in by_frame[f]]))
                     for x, y, w, h, _ in by_frame[f]:
                         a = src[y:y + h, x:x + w]
                         b = np.ascontiguousarray(back[y:y + h, x:x + w])
@@ -147,6 +173,8 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
                             dlib_same += dlib.same_person(dlib_x, dlib.embed(b))
                             public_sface += sface.same_person(sface_x, sface.embed(public))
                             public_dlib += dlib.same_person(dlib_x, dlib.embed(public))
+            if sheets_dir is not None and sheet_rows:
+                sheets.append(str(write_contact_sheet(sheet_rows, Path(sheets_dir) / f"contact-{Path(clip).stem}.png")))
     mse = squared_error / max(pixels, 1)
     return SealedReversal(
         quality=quality, public_format=settings.public_format, clips=len(clips), faces=faces,
@@ -157,14 +185,63 @@ def measure_sealed_reversal(clips: list[Path], quality: str, detector: FaceDetec
         attack_judged=attack_judged,
         **{f"attack_{name}": hits / attack_judged if attack_judged else math.nan for name, hits in attack.items()},
         public_flicker=change["public"] / change_values if change_values else math.nan,
-        source_flicker=change["source"] / change_values if change_values else math.nan)
+        source_flicker=change["source"] / change_values if change_values else math.nan,
+        mtcnn_source_faces=detection["mtcnn_source"],
+        mtcnn_public_found=detection["mtcnn_public"] / detection["mtcnn_source"] if detection["mtcnn_source"] else math.nan,
+        yunet_source_faces=detection["yunet_source"],
+        yunet_public_found=detection["yunet_public"] / detection["yunet_source"] if detection["yunet_source"] else math.nan,
+        contact_sheets=tuple(sheets))
 
 
-def _keyless_attack(public: np.ndarray, source: np.ndarray, detector: FaceDetector, swapper: FaceSwapper,
+def _count_refound(source_boxes: np.ndarray, public_boxes: np.ndarray, rois: list[tuple[int, int, int, int]],
+                   counts: dict[str, int], name: str) -> None:
+    """Source detections whose centre lies in a ROI, and those a public detection overlaps (IoU rule above)."""
+    for box in source_boxes:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        if not any(x <= cx < x + w and y <= cy < y + h for x, y, w, h in rois):
+            continue  # a face the pipeline did not replace is the release check's business, not realism's
+        counts[f"{name}_source"] += 1
+        counts[f"{name}_public"] += any(iou(box[:4], other[:4]) >= DETECTION_IOU for other in public_boxes)
+
+
+def contact_row(source: np.ndarray, public: np.ndarray, restored: np.ndarray,
+                rois: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """One frame's row of a contact sheet: the region around its faces, original | public | restored."""
+    height, width = source.shape[:2]
+    x1 = min(x for x, _, _, _ in rois)
+    y1 = min(y for _, y, _, _ in rois)
+    x2 = max(x + w for x, _, w, _ in rois)
+    y2 = max(y + h for _, y, _, h in rois)
+    # Twice the faces' extent, so the border of the face region and its surroundings show.
+    pad_x, pad_y = (x2 - x1) // 2, (y2 - y1) // 2
+    x1, y1, x2, y2 = max(0, x1 - pad_x), max(0, y1 - pad_y), min(width, x2 + pad_x), min(height, y2 + pad_y)
+    scale = SHEET_ROW_HEIGHT / (y2 - y1)
+    size = (max(1, round((x2 - x1) * scale)), SHEET_ROW_HEIGHT)
+    import cv2  # only the sheets need it
+
+    tiles = [cv2.resize(np.ascontiguousarray(img[y1:y2, x1:x2]), size, interpolation=cv2.INTER_AREA)
+             for img in (source, public, restored)]
+    gap = np.full((SHEET_ROW_HEIGHT, 4, 3), 255, np.uint8)
+    return np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
+
+
+def write_contact_sheet(rows: list[np.ndarray], path: Path) -> Path:
+    """Rows (of unequal widths) stacked on white, as a PNG at `path`."""
+    import cv2
+
+    width = max(r.shape[1] for r in rows)
+    padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(padded), cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write the contact sheet {path}")
+    return path
+
+
+def _keyless_attack(public: np.ndarray, source: np.ndarray, boxes: np.ndarray, swapper: FaceSwapper,
                     sface: SFaceJudge, dlib: DlibJudge, random_noise, roi_scale: float, hits: dict[str, int]) -> int:
-    """Attack one public frame (rule in the module docstring); adds to `hits`, returns the faces attacked."""
+    """Attack one public frame at MTCNN's `boxes` on it (rule in the module docstring); adds to
+    `hits`, returns the faces attacked."""
     height, width = public.shape[:2]
-    (boxes,) = detector.detect(public[None])
     rois = [Roi(0, i, *head_roi(box, width, height, roi_scale), None, False) for i, box in enumerate(boxes)]
     rois = [r for r in rois if min(r.w, r.h) >= MIN_IDENTITY_SIDE]
     if not rois:

@@ -21,7 +21,7 @@ from models.registry import build_pair
 from tasks.datapath import stego
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import probe, read_frames
-from tasks.datapath.deidentify import FaceSwapper, load_face_pair, save_face_pair
+from tasks.datapath.deidentify import FaceSwapper, load_face_pair, load_pipeline_pair, save_face_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import DataKey, NotARecipientError, generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import NothingToRestore, reconstruct_video
@@ -251,11 +251,12 @@ def _ffmpeg(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def release_run(clips, tmp_path_factory):
-    """The defaults: h264 public file, originals sealed `high`, two authorities; the bundled weights."""
+    """The defaults: h264 public file, originals sealed `high`, two authorities; the bundled weights
+    as the data path picks them (the public-only U_e, the joint U_d)."""
     out = tmp_path_factory.mktemp("release")
     settings = PipelineSettings(batch_size=8)
     assert (settings.public_format, settings.seal) == ("h264", "high")
-    swapper = FaceSwapper(load_face_pair(settings.model, None))
+    swapper = FaceSwapper(load_pipeline_pair(settings.model, None, settings.seal))
     second = parse_private_key(generate_key_pair()[0])
     record = anonymize_video(clips["wolfgang"], out / "pub.mkv", recipients=[AUTHORITY.public, second.public],
                              video_id="5e" * 32, detector=FaceDetector(batch_size=8), swapper=swapper,

@@ -1,11 +1,19 @@
-"""Blending and smoothing of the public face: what stays the source, what changes, by how much."""
+"""Blending and smoothing of the public face (what stays the source, what changes, by how much),
+and which U_e / U_d the data path runs per seal mode."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from tasks.datapath.deidentify import TemporalSmoother, paste_faces
+from tasks.datapath.deidentify import (
+    DEFAULT_WEIGHTS,
+    TemporalSmoother,
+    WeightsError,
+    load_face_pair,
+    load_pipeline_pair,
+    paste_faces,
+)
 from tasks.datapath.track import Roi, face_region
 
 
@@ -56,3 +64,34 @@ def test_smoother_keeps_a_running_mean_per_sequence_and_forgets_ended_ones():
     assert out.eq(1).all()
     with pytest.raises(ValueError):
         TemporalSmoother(0.0)
+
+
+def test_the_sealed_default_runs_a_bundled_public_only_u_e_and_seal_none_the_joint_pair(tmp_path, monkeypatch):
+    import tasks.datapath.deidentify as deidentify
+
+    joint = load_face_pair("uunet", None)
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+    # No public-only U_e bundled: every mode runs the joint pair.
+    monkeypatch.setattr(deidentify, "DEFAULT_PUBLIC_WEIGHTS", tmp_path / "absent.pt")
+    assert same(load_pipeline_pair("uunet", None, "high").encoder, joint.encoder)
+    # One bundled (here: the joint U_e with its head zeroed, so the two differ).
+    encoder = load_face_pair("uunet", None).encoder
+    torch.nn.init.zeros_(encoder.net.head.weight)
+    public_file = deidentify.save_face_pair(tmp_path / "uunet-public.pt", "uunet", encoder, None,
+                                            {"widths": list(encoder.net.widths), "keyed": True})
+    monkeypatch.setattr(deidentify, "DEFAULT_PUBLIC_WEIGHTS", public_file)
+    public = load_face_pair("uunet", public_file)
+    assert public.decoder is None
+    sealed = load_pipeline_pair("uunet", None, "high")
+    assert same(sealed.encoder, public.encoder) and not same(sealed.encoder, joint.encoder)
+    assert same(sealed.decoder, joint.decoder)  # the learned restore path keeps the joint U_d
+    paper = load_pipeline_pair("uunet", None, "none")
+    assert same(paper.encoder, joint.encoder) and same(paper.decoder, joint.decoder)
+    # Weights given by hand are used as they are, whatever the seal; but a public-only U_e
+    # cannot make a --seal none file, which nothing but U_d will ever restore.
+    assert same(load_pipeline_pair("uunet", DEFAULT_WEIGHTS, "exact").encoder, joint.encoder)
+    with pytest.raises(WeightsError, match="public-only U_e"):
+        load_pipeline_pair("uunet", public_file, "none")

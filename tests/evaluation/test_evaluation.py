@@ -19,8 +19,15 @@ from tasks.datapath.deidentify import DEFAULT_WEIGHTS, load_face_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import DataKey
 from tasks.evaluation.baselines import BASELINES
-from tasks.evaluation.evaluate import (OURS, Environment, Judges, collect_faces, cross_environment, evaluate_methods,
-                                       truth_box)
+from tasks.evaluation.evaluate import (
+    OURS,
+    Environment,
+    Judges,
+    collect_faces,
+    cross_environment,
+    evaluate_methods,
+    truth_box,
+)
 from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
 
 ROI_SCALE = 1.3
@@ -94,6 +101,34 @@ def test_real_faces_separate_and_ours_has_the_extra_measures(evaluated):
         assert "psnr_x_r" not in results[baseline].metrics  # irreversible: nothing to restore
 
 
+class _Identity(torch.nn.Module):
+    def forward(self, faces, noise):
+        return faces
+
+
+class _Grey(torch.nn.Module):
+    def forward(self, faces, noise):
+        return torch.full_like(faces, 0.5)
+
+
+def test_public_face_measures_see_what_an_encoder_hands_the_public(evaluated):
+    from tasks.evaluation.evaluate import public_face_measures
+
+    faces, _ = evaluated
+    judges = Judges(FaceDetector(batch_size=8), SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
+    key = DataKey(bytes(32))
+    # An encoder that hands x back: every face found again, always the person, and no key changes it.
+    same = public_face_measures(faces, _Identity(), torch.device("cpu"), key, judges, ROI_SCALE, blend=False)
+    assert same["faces"].value == len(faces.x)
+    assert same["mtcnn_found_a"].value == same["yunet_found_a"].value == 1.0
+    assert same["same_person_x_a"].value == same["dlib_same_person_x_a"].value == 1.0
+    assert same["diversity_same_rate"].value == 1.0
+    # A grey square replaces the face entirely (no blend): nothing left to find or recognise.
+    grey = public_face_measures(faces, _Grey(), torch.device("cpu"), key, judges, ROI_SCALE, blend=False)
+    assert grey["mtcnn_found_a"].value == grey["yunet_found_a"].value == 0.0
+    assert grey["same_person_x_a"].value == 0.0
+
+
 def test_environments_split_pairs_by_subject():
     e = np.eye(3, dtype=np.float32)[[0, 0, 1, 1]]  # two subjects, two frames each
     subjects = np.array([0, 0, 1, 1])
@@ -141,6 +176,13 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert faces["gallery"]["faces_selected"] == 8 and faces["faces"]["total"] == faces["gallery"]["faces_found"]
     assert set(faces["controls"]) == {"uunet", "keep-gender"}
     assert faces["controls"]["keep-gender"]["s"] == "id -1, gender 1, age_group 0"
+    # The public face per mode, on both datasets: the sealed default's U_e is not --seal none's.
+    for key in ("footage", "faces"):
+        public = summary["datasets"][key]["public"]
+        assert set(public) == {"high", "none"}
+        assert public["high"]["faces"]["value"] == public["none"]["faces"]["value"] == summary["datasets"][key][
+            "faces"]["total"]
+    assert "The public face per mode" in report
     assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
     assert summary["codec"][0]["payload_recovery"] == 1.0
     high, exact = summary["sealed"]  # the sealed path through the real modules, beside the learned one
@@ -149,6 +191,14 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert high["psnr_db"] >= 42 and high["sface_same"] == 1.0 and high["judged"] > 0 and high["chunks_failed"] == 0
     # The same ROIs as released: the blended public face is not the person the restored one is.
     assert high["public_sface_same"] < high["sface_same"] and high["public_dlib_same"] < high["dlib_same"]
+    # One contact sheet per clip for the first mode, shown in the report: three tiles per row.
+    sheets = [Path(p) for p in high["contact_sheets"]]
+    assert [p.name for p in sheets] == [f"contact-{clips[c].stem}.png" for c in ("wolfgang", "carphone")]
+    assert exact["contact_sheets"] == []
+    for sheet in sheets:
+        image = cv2.imread(str(sheet))
+        assert image is not None and image.shape[0] >= 160 and f"sheets/{sheet.name}" in report
+    assert high["mtcnn_source_faces"] > 0 and high["yunet_source_faces"] > 0
     metrics = CatalogStore(out / "catalogs").read("metrics")
     assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
     assert set(metrics["method"]) >= {OURS, *BASELINES, f"{OURS}:keep-gender"}
@@ -210,10 +260,30 @@ def test_sealed_rows_fill_every_column_and_show_the_flicker_of_public_and_source
     assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "3.46 / 2.10"
     assert cells[SEALED_HEADER.index("keyless U_d, random key: SFace / dlib ↓")] == "1.2% / 5.0% (80)"
     assert cells[SEALED_HEADER.index("keyless U_d, zero noise: SFace / dlib ↓")] == "0.0% / 10.0%"
+    row.mtcnn_source_faces, row.mtcnn_public_found, row.yunet_source_faces, row.yunet_public_found = 40, 0.875, 41, 1.0
+    (cells,) = sealed_rows([row], None)
+    assert cells[SEALED_HEADER.index("public face found again: MTCNN / YuNet ↑")] == "87.5% (40) / 100.0% (41)"
     # No consecutive frames measured: a dash, not "nan".
     row.public_flicker = row.source_flicker = math.nan
     (cells,) = sealed_rows([row], None)
     assert cells[SEALED_HEADER.index("ROI change per frame, public / source")] == "— / —"
+
+
+def test_a_source_face_counts_for_realism_only_inside_a_roi_and_is_refound_at_iou_one_half():
+    from tasks.evaluation.sealed_reversal import _count_refound
+
+    rois = [(0, 0, 100, 100)]
+    source = np.array([[10, 10, 50, 50, 0.9],      # centre (30, 30): in the ROI
+                       [200, 200, 240, 240, 0.9]])  # centre outside every ROI: not counted
+    counts = dict.fromkeys(["m_source", "m_public"], 0)
+    # Shifted by 10 px in x: intersection 30x40 = 1200, union 1600 + 1600 - 1200 = 2000, IoU 0.6.
+    _count_refound(source, np.array([[20, 10, 60, 50, 0.8]]), rois, counts, "m")
+    assert counts == {"m_source": 1, "m_public": 1}
+    # Shifted by 20 px: intersection 20x40 = 800, union 2400, IoU 1/3: not found again.
+    _count_refound(source, np.array([[30, 10, 70, 50, 0.8]]), rois, counts, "m")
+    assert counts == {"m_source": 2, "m_public": 1}
+    _count_refound(source, np.zeros((0, 5)), rois, counts, "m")
+    assert counts == {"m_source": 3, "m_public": 1}
 
 
 class _PasteNothing:
@@ -241,13 +311,14 @@ def test_keyless_attack_counts_each_detected_face_under_both_noises(clips, one_t
     detector, sface, dlib = FaceDetector(batch_size=8), SFaceJudge(detector=YuNetDetector()), DlibJudge()
     # Attacking the source itself with a U_d that changes nothing: every face is its own person.
     hits = {"random_sface": 0, "random_dlib": 0, "zero_sface": 0, "zero_dlib": 0}
-    found = _keyless_attack(frame, frame, detector, _PasteNothing(), sface, dlib, DataKey.generate().noise,
+    (boxes,) = detector.detect(frame[None])
+    found = _keyless_attack(frame, frame, boxes, _PasteNothing(), sface, dlib, DataKey.generate().noise,
                             ROI_SCALE, hits)
     assert found == 1  # one woman in the clip
     assert hits == {"random_sface": 1, "random_dlib": 1, "zero_sface": 1, "zero_dlib": 1}
     # A U_d that paints the ROI grey gives nobody back, and the source frame is left as it was.
     hits = dict.fromkeys(hits, 0)
     before = frame.copy()
-    assert _keyless_attack(frame, frame, detector, _PasteGrey(), sface, dlib, DataKey.generate().noise,
+    assert _keyless_attack(frame, frame, boxes, _PasteGrey(), sface, dlib, DataKey.generate().noise,
                            ROI_SCALE, hits) == 1
     assert hits["random_sface"] == hits["zero_sface"] == 0 and np.array_equal(frame, before)

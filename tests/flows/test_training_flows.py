@@ -37,3 +37,10 @@ def test_matcher_then_uunet_flows_write_weights_metrics_and_samples(corpus, tmp_
     assert sorted(mse["step"].tolist()) == [1, 2]
     runs = catalog.read("runs")
     assert set(runs["flow"]) == {"train-matcher", "train-uunet"}
+    # The sealed default's public-only U_e, fine-tuned from that pair: U_e alone, no U_d to restore with.
+    public = tmp_path / "uunet-public.pt"
+    result = train_uunet_flow(corpus_dir=str(corpus), matcher=str(matcher), out=str(public), steps=1, device="cpu",
+                              samples_every=1, metrics_every=1, init=str(weights), public=True)
+    assert result["step"] == 1 and load_face_pair("uunet", public).decoder is None
+    losses = set(CatalogStore(corpus / "catalogs").read("metrics")["metric"])
+    assert {"loss_noise", "loss_grid"} <= losses and "loss_face" not in losses  # the recipe's face weight is 0

@@ -92,3 +92,19 @@ def test_matcher_rejects_zero_labels():
         assert "num_labels" in str(err)
     else:
         raise AssertionError("AttributeMatcher(0) must raise ValueError")
+
+
+def test_output_blur_removes_the_two_pixel_checkerboard_and_adds_no_parameters():
+    import torch.nn.functional as F
+
+    from models.unet import UNet
+
+    plain, blurred = UNet(4, 3, (8, 16)), UNet(4, 3, (8, 16), output_blur=True)
+    assert [n for n, _ in plain.state_dict().items()] == [n for n, _ in blurred.state_dict().items()]
+    blurred.load_state_dict(plain.state_dict())
+    # The binomial filter on a ±1 checkerboard: corners 4·(+1), edges 4·2·(−1), centre 4·(+1): (4 − 8 + 4)/16 = 0.
+    board = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float() * 2 - 1
+    out = F.conv2d(board.expand(1, 3, 8, 8), blurred._blur, groups=3)
+    assert out.abs().max().item() == 0.0
+    flat = F.conv2d(torch.ones(1, 3, 8, 8), blurred._blur, groups=3)
+    assert torch.allclose(flat, torch.ones_like(flat))  # and passes a flat image unchanged

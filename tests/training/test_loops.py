@@ -9,8 +9,16 @@ import torch
 
 from tasks.datapath.decode import read_frames
 from tasks.datapath.deidentify import load_face_pair
-from tasks.training.loops import (FACES_FORMAT, FaceData, MatcherConfig, UUNetConfig, auc, load_matcher, train_matcher,
-                                  train_uunet)
+from tasks.training.loops import (
+    FACES_FORMAT,
+    FaceData,
+    MatcherConfig,
+    UUNetConfig,
+    auc,
+    load_matcher,
+    train_matcher,
+    train_uunet,
+)
 
 SMALL = (8, 16, 32, 64)
 
@@ -151,3 +159,79 @@ def test_half_precision_weights_load_as_float32_and_nearly_agree(tmp_path):
     with torch.inference_mode():
         diff = (a.encoder(x, noise) - b.encoder(x, noise)).abs().max().item()
     assert 0.0 < diff < 0.01  # rounded, not broken: at most a couple of 8-bit levels (1/255 ≈ 0.004)
+
+
+def test_public_encoder_fine_tunes_u_e_alone_and_writes_a_file_that_cannot_restore(faces_file, matcher_file, tmp_path):
+    from tasks.datapath.deidentify import FaceSwapper, WeightsError
+    from tasks.datapath.detect import load_mtcnn
+    from tasks.training.loops import PublicEncoderConfig, train_public_encoder
+
+    device = torch.device("cpu")
+    data = FaceData(faces_file, device, 0)
+    matcher, _ = load_matcher(matcher_file, device)
+    train_uunet(data, matcher, tmp_path / "base.pt", UUNetConfig(steps=2, subjects=2, sequences=2, frames=2,
+                                                                widths=SMALL, critic_widths=(8, 16, 32), critic_head=32))
+    mtcnn = load_mtcnn("cpu")
+    config = PublicEncoderConfig(steps=3, subjects=2, sequences=2, frames=2, widths=SMALL, critic_widths=(8, 16, 32),
+                                 critic_head=32, checkpoint_every=2, samples_every=3)
+    config.weights["face"] = 0.5  # off in the recipe (see PublicEncoderConfig); on here to run the scorers
+    seen, grids = [], []
+    out = tmp_path / "public.pt"
+    train_public_encoder(data, matcher, out, config, tmp_path / "base.pt", [(mtcnn.rnet, 24)],
+                         on_metrics=lambda s, v: seen.append(v), on_samples=lambda s, g: grids.append(g), half=True)
+    assert {"loss_adv", "loss_face", "loss_grid", "loss_noise", "loss_far"} <= set(seen[0])
+    assert "loss_mse" not in seen[0] and "loss_keypix" not in seen[0]  # nothing asks a to carry x
+    assert grids[0].shape == (8 * 64, 4 * 64, 3)
+    assert not any(p.requires_grad for p in mtcnn.rnet.parameters())  # the scorer is frozen, not trained
+    pair = load_face_pair("uunet", out)
+    assert pair.decoder is None and pair.encoder.net.widths == SMALL and pair.encoder.net.output_blur
+    frame = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(WeightsError, match="public-only U_e"):
+        FaceSwapper(pair).restore([frame], [[]], lambda seq: np.zeros((64, 64), np.float32))
+    # Resumes from its own checkpoint (U_e, critic, optimisers), not from the pair it started from.
+    steps_seen = []
+    result = train_public_encoder(data, matcher, out, PublicEncoderConfig(**{**config.__dict__, "steps": 5}),
+                                  tmp_path / "base.pt", resume=out.with_suffix(".ckpt"),
+                                  on_metrics=lambda s, v: steps_seen.append(s))
+    assert steps_seen == [4, 5] and result["step"] == 5
+
+
+def test_composite_is_the_source_outside_the_face_region_and_u_e_inside():
+    from tasks.training.loops import composite, region_mask
+
+    mask = region_mask()
+    x, a = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    c = composite(x, a, mask)
+    assert torch.equal(c[..., mask[0, 0] == 0], x[..., mask[0, 0] == 0])
+    assert torch.equal(c[..., mask[0, 0] == 1], a[..., mask[0, 0] == 1])
+    assert (mask == 0).any() and (mask == 1).any()  # both parts exist: corners are source, centre is U_e
+
+
+def test_checkerboard_excess_counts_only_the_grid_beyond_the_source():
+    from models.losses import checkerboard_excess
+
+    board = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float().expand(1, 3, 8, 8)
+    flat = torch.full((1, 3, 8, 8), 0.5)
+    # Every 2x2 window of a 0/1 board: |1 - 0 - 0 + 1| / 4 = 0.5; of a flat image: 0.
+    assert checkerboard_excess(flat, board).item() == pytest.approx(0.5)
+    assert checkerboard_excess(board, board).item() == 0.0
+    assert checkerboard_excess(board, flat).item() == 0.0  # less grid than the source costs nothing
+
+
+def test_face_likeness_feeds_each_scorer_the_central_face_square_at_its_size():
+    from models.losses import face_likeness_loss
+
+    class Scorer(torch.nn.Module):
+        def __init__(self, probability):
+            super().__init__()
+            self.probability, self.shapes = probability, []
+
+        def forward(self, x):
+            self.shapes.append(tuple(x.shape))
+            return torch.zeros(len(x), 4), torch.full((len(x),), self.probability)
+
+    faces = torch.rand(3, 3, 64, 64)
+    small, large = Scorer(0.5), Scorer(0.25)
+    loss = face_likeness_loss([(small, 24), (large, 48)], faces)
+    assert small.shapes == [(3, 3, 24, 24)] and large.shapes == [(3, 3, 48, 48)]
+    assert loss.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
