@@ -227,13 +227,12 @@ def contact_row(source: np.ndarray, public: np.ndarray, restored: np.ndarray,
 
 def write_contact_sheet(rows: list[np.ndarray], path: Path) -> Path:
     """Rows (of unequal widths) stacked on white, as a PNG at `path`."""
-    import cv2
+    from PIL import Image
 
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(padded), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write the contact sheet {path}")
+    Image.fromarray(np.concatenate(padded)).save(path, format="PNG")
     return path
 
 

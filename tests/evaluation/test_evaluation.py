@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from catalogs import CatalogStore
 from tasks.datapath.deidentify import DEFAULT_WEIGHTS, load_face_pair
@@ -196,8 +197,9 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert [p.name for p in sheets] == [f"contact-{clips[c].stem}.png" for c in ("wolfgang", "carphone")]
     assert exact["contact_sheets"] == []
     for sheet in sheets:
-        image = cv2.imread(str(sheet))
-        assert image is not None and image.shape[0] >= 160 and f"sheets/{sheet.name}" in report
+        assert sheet.parent == out / "sheets" and f"sheets/{sheet.name}" in report
+        with Image.open(sheet) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and image.height >= 160
     assert high["mtcnn_source_faces"] > 0 and high["yunet_source_faces"] > 0
     metrics = CatalogStore(out / "catalogs").read("metrics")
     assert set(metrics["dataset"]) >= {"footage", "faces", "codec:ffv1"}
