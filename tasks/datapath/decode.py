@@ -4,6 +4,18 @@ decord does the decoding; the static ffmpeg from imageio-ffmpeg (there is no
 ffprobe here) answers the two questions decord cannot: how many audio streams a
 file holds, and, for Matroska, how long the video track claims to be, which is
 how a truncated public stream is caught before it silently loses frames.
+
+Three things real archives hold that decord gets silently wrong or that a naive
+check misjudges, each settled here in `probe`:
+- variable frame rate: each frame's own start time is read (decord's frame
+  timestamps) and handed on in `VideoInfo.frame_times`, so the writers keep it;
+- a frame size that changes mid-stream (a .ts that switches resolution): decord
+  returns every frame at the first size, the later ones cropped or frozen, so the
+  keyframes' sizes are read with PyAV (keyframes only: a new size can only start
+  on one) and such a file is refused with a clear error;
+- display rotation (an mp4 display matrix, or a legacy `rotate` tag): decord
+  already turns frames upright for multiples of 90 degrees, so every size here is
+  the upright one and the outputs are written upright, with no rotation tag.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import imageio_ffmpeg
 import numpy as np
 from decord import DECORDError, VideoReader, cpu
@@ -26,6 +39,9 @@ _PROBE_TIMEOUT_S = 60
 _STREAM_LINE = re.compile(r"^\s*Stream #\d+:\d+\S*: (Video|Audio|Subtitle|Data|Attachment):")
 # Matroska writes each track's length as a tag, e.g. "DURATION : 00:00:02.400000000".
 _DURATION_TAG = re.compile(r"^\s*DURATION\s*:\s*(\d+):(\d+):(\d+(?:\.\d+)?)\s*$")
+# A frame whose start differs from i / fps by more than this is not on the constant-rate
+# grid: above the rounding of Matroska's millisecond (and mp4's finer) time bases.
+FRAME_TIME_TOLERANCE_S = 0.0015
 # decord prefixes its messages with "[hh:mm:ss] /source/file.cc:123: ", once per re-raise.
 _DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
@@ -50,7 +66,7 @@ class VideoDecodeError(Exception):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What `probe` learns about a video; duration_s is the video track's (frame_count / fps)."""
+    """What `probe` learns about a video; duration_s is where its last frame ends; sizes are upright."""
 
     path: str
     width: int
@@ -60,6 +76,9 @@ class VideoInfo:
     fps_rational: str  # "24000/1001": what the encoder is given, so the output keeps the exact rate
     audio_streams: int
     duration_s: float
+    # Start time (s) of each frame where the video is not constant-rate from 0 (variable frame
+    # rate, a late start); None where frame i starts at i / fps, the common case.
+    frame_times: tuple[float, ...] | None = None
 
 
 def fps_to_rational(fps: float) -> str:
@@ -157,19 +176,66 @@ def _frame_size(reader: VideoReader, path: str | Path) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def off_grid_frame_times(starts: np.ndarray, fps: float) -> tuple[float, ...] | None:
+    """`starts` as a tuple when some frame is not at i / fps (within the tolerance), else None."""
+    grid = np.arange(len(starts)) / fps
+    if len(starts) == 0 or np.abs(starts - grid).max() <= FRAME_TIME_TOLERANCE_S:
+        return None
+    return tuple(float(t) for t in starts)
+
+
+def _frame_starts(reader: VideoReader, frame_count: int) -> np.ndarray | None:
+    """Each frame's start (s) from decord, or None where the container gives no usable times
+    (a cut Matroska file: every time reads as ffmpeg's "no timestamp", 9.2e15 s)."""
+    starts = reader.get_frame_timestamp(range(frame_count))[:, 0].astype(np.float64)
+    if not np.isfinite(starts).all() or np.abs(starts).max() > 1e7 or (np.diff(starts) <= 0).any():
+        return None
+    return starts
+
+
+def keyframe_sizes(path: str | Path) -> list[tuple[int, int]]:
+    """Each (width, height) in turn among the first video stream's keyframes, decoded with PyAV.
+
+    A coded size can only change on a keyframe (a new sequence header), so decoding the
+    keyframes alone finds every size a stream holds, at a fraction of a full decode.
+    """
+    sizes: list[tuple[int, int]] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.skip_frame = "NONKEY"
+            for frame in container.decode(stream):
+                if not sizes or (frame.width, frame.height) != sizes[-1]:
+                    sizes.append((frame.width, frame.height))
+    except (av.FFmpegError, IndexError) as err:  # decord read it; PyAV's complaint is only a missed check
+        raise VideoDecodeError(f"{path}: truncated/corrupt (its keyframes cannot be decoded: {err})") from err
+    return sizes
+
+
 def probe(path: str | Path) -> VideoInfo:
-    """Metadata of a video; raises VideoDecodeError for anything that is not a complete video."""
+    """Metadata of a video; raises VideoDecodeError for anything that is not a complete video
+    with one frame size."""
     reader = _open(path)
     frame_count = len(reader)
     height, width = _frame_size(reader, path)
     fps = float(reader.get_avg_fps())
+    starts = _frame_starts(reader, frame_count)
+    end_s = frame_count / fps if starts is None else float(starts[-1]) + 1 / fps
     _, lines = _ffmpeg_report(path)
     declared = _declared_video_duration(lines)
-    if declared is not None and frame_count < round(declared * fps) - 1:
-        # Matroska's header keeps the full length while the clusters are cut off.
+    # Matroska's header keeps the full length while the clusters are cut off. The last frame's
+    # end, not frame_count / fps, is the length present: a variable-rate clip is not short.
+    if declared is not None and end_s < declared - 1.5 / fps - FRAME_TIME_TOLERANCE_S:
         raise VideoDecodeError(
             f"{path}: truncated/corrupt at frame {frame_count}: the video track declares "
-            f"{declared:.3f} s (~{round(declared * fps)} frames) but only {frame_count} are present"
+            f"{declared:.3f} s but its frames end at {end_s:.3f} s"
+        )
+    sizes = keyframe_sizes(path)
+    if len(sizes) > 1:
+        changes = ", then ".join(f"{w}x{h}" for w, h in sizes)
+        raise VideoDecodeError(
+            f"{path}: the frame size changes mid-stream ({changes}); decoding would return every "
+            f"frame at the first size. Re-encode it to one size (e.g. ffmpeg -vf scale=W:H) first"
         )
     return VideoInfo(
         path=str(path),
@@ -179,7 +245,8 @@ def probe(path: str | Path) -> VideoInfo:
         fps=fps,
         fps_rational=fps_to_rational(fps),
         audio_streams=_stream_kinds(lines).count("Audio"),
-        duration_s=frame_count / fps,
+        duration_s=end_s,
+        frame_times=None if starts is None else off_grid_frame_times(starts, fps),
     )
 
 

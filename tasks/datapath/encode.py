@@ -6,6 +6,11 @@ source's size) and two lossless ones that keep an in-pixel payload bit-exact,
 shipped by imageio-ffmpeg, driven through ffmpeg-python. A file appears at its final path
 only when complete (temp file + rename).
 
+A source that is not constant-rate (`VideoInfo.frame_times`) is encoded on the constant
+grid, then its packets are re-stamped with the source's frame times (`retime`, PyAV, no
+re-encoding): ffmpeg's rawvideo pipe carries no per-frame time, and without the source's
+times the copied audio drifts from the picture.
+
 The sealed data travels as a Matroska attachment (`attach`), so one file is the unit of
 release and a plain remux (`ffmpeg -i in.mkv -map 0 -c copy out.mkv`) keeps it.
 """
@@ -17,10 +22,13 @@ import os
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import av
 import ffmpeg
 import imageio_ffmpeg
 import numpy as np
@@ -84,11 +92,15 @@ class VideoWriter:
         fps_rational: str,
         audio_source: str | Path | None = None,
         codec: str = "x264rgb",
+        frame_times: Sequence[float] | None = None,
     ) -> None:
+        """`frame_times`: each frame's start (s), when the video is not at i / fps (see `retime`)."""
         if codec not in VIDEO_FORMATS:
             raise ValueError(f"unknown video format {codec!r}; choose one of {sorted(VIDEO_FORMATS)}")
         self.out_path = Path(out_path)
         self.width, self.height = width, height
+        self.fps_rational = fps_rational
+        self.frame_times = None if frame_times is None else list(frame_times)
         self.frames_written = 0
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         # Same directory as out_path so the final rename is atomic; unique so writers never collide.
@@ -153,6 +165,16 @@ class VideoWriter:
         if returncode != 0:
             self._temp_path.unlink(missing_ok=True)
             raise self._error(f"ffmpeg exited with code {returncode}")
+        if self.frame_times is not None:
+            if len(self.frame_times) != self.frames_written:
+                self._temp_path.unlink(missing_ok=True)
+                raise VideoEncodeError(f"{self.out_path}: {self.frames_written} frames written but "
+                                       f"{len(self.frame_times)} frame times given")
+            try:
+                retime(self._temp_path, self.frame_times, float(Fraction(self.fps_rational)))
+            except BaseException:
+                self._temp_path.unlink(missing_ok=True)
+                raise
         os.replace(self._temp_path, self.out_path)
         return self.out_path
 
@@ -192,6 +214,48 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def retime(path: str | Path, frame_times: Sequence[float], fps: float) -> None:
+    """Re-stamp the video packets of a constant-rate Matroska file at `path` (frame i at i / fps)
+    with `frame_times[i]`, in place (a hidden temp file, then rename); other streams are copied as
+    they are. Decode-order timestamps that precede frame 0 (B-frame delay) stay before it."""
+    path = Path(path)
+    times = np.asarray(frame_times, dtype=np.float64)
+    # Spacing for the few decode timestamps before frame 0: below every gap, so they stay increasing.
+    step = float(np.diff(times).min()) if len(times) > 1 else 1.0 / fps
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".retime.mkv")
+    os.close(handle)
+    try:
+        with av.open(str(path)) as source, av.open(temp, "w", format="matroska") as target:
+            video = source.streams.video[0]
+            copies = {s.index: target.add_stream_from_template(s) for s in source.streams
+                      if s.type in ("video", "audio")}
+            base = video.time_base
+
+            def stamp(ts: int | None) -> int | None:
+                if ts is None:
+                    return None
+                index = round(float(ts * base) * fps)
+                if index >= len(times):
+                    raise VideoEncodeError(f"{path}: frame {index} has no frame time ({len(times)} given)")
+                start = times[index] if index >= 0 else times[0] + index * step
+                return round(start / base)
+
+            for packet in source.demux(*[s for s in source.streams if s.index in copies]):
+                if packet.pts is None and packet.dts is None:
+                    continue  # the demuxer's end-of-stream marker
+                if packet.stream.index == video.index:
+                    packet.pts, packet.dts = stamp(packet.pts), stamp(packet.dts)
+                packet.stream = copies[packet.stream.index]
+                target.mux(packet)
+    except av.FFmpegError as err:
+        Path(temp).unlink(missing_ok=True)
+        raise VideoEncodeError(f"{path}: re-stamping the frame times failed: {err}") from err
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    os.replace(temp, path)
 
 
 def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name: str) -> Path:

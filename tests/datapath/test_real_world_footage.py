@@ -1,0 +1,117 @@
+"""Footage as real archives hold it: variable frame rate, display rotation, a size that changes
+mid-stream. Each clip is made here from the bundled footage with the ffmpeg we ship."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.datapath.decode import VideoDecodeError, iter_frames, probe, read_frames
+from tasks.datapath.encode import VideoWriter, ffmpeg_exe
+from tests.datapath.test_decode_encode import SINGLE_FACE, _audio_packets
+
+FPS = 30
+STRETCH_FROM = 25  # frames from here on last three nominal frames each
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-v", "error", "-y", *args], check=True)
+
+
+def _expected_start(n: int) -> float:
+    return (n if n < STRETCH_FROM else STRETCH_FROM + (n - STRETCH_FROM) * 3) / FPS
+
+
+@pytest.fixture(scope="module")
+def vfr_clips(tmp_path_factory) -> dict[str, Path]:
+    """40 frames of single_face with audio; the timestamps stretched 3x after frame 25, as .mkv and .mp4."""
+    root = tmp_path_factory.mktemp("vfr")
+    stretch = f"setpts='if(lt(N,{STRETCH_FROM}),N,{STRETCH_FROM}+(N-{STRETCH_FROM})*3)/({FPS}*TB)'"
+    clips = {}
+    for suffix in ("mkv", "mp4"):
+        clips[suffix] = root / f"vfr.{suffix}"
+        _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "40", "-vf", stretch, "-fps_mode", "vfr", "-c:v", "libx264",
+                "-preset", "ultrafast", "-c:a", "aac", str(clips[suffix]))
+    return clips
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_a_variable_rate_clip_is_accepted_with_each_frames_own_time(vfr_clips, suffix: str) -> None:
+    info = probe(vfr_clips[suffix])  # nominal fps x frame count is 1.33 s, the track 3.0 s: not truncated
+    assert info.frame_count == 40 and info.frame_times is not None
+    assert np.allclose(info.frame_times, [_expected_start(n) for n in range(40)], atol=0.0015)
+    assert info.duration_s == pytest.approx(_expected_start(39) + 1 / info.fps, abs=0.002)
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_the_writer_keeps_the_sources_frame_times_and_its_audio(tmp_path: Path, vfr_clips, suffix: str) -> None:
+    source = vfr_clips[suffix]
+    info = probe(source)
+    frames = read_frames(source, range(info.frame_count))
+    out = tmp_path / "out.mkv"
+    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
+                     frame_times=info.frame_times) as writer:
+        for _, batch in iter_frames(source, batch_size=16):
+            writer.write(batch)
+    written = probe(out)
+    assert written.frame_count == 40 and written.frame_times is not None
+    assert np.allclose(written.frame_times, info.frame_times, atol=0.0011)  # Matroska keeps milliseconds
+    # Re-stamping moves packets, never pixels: the frames decode as encoding them on the grid would.
+    assert np.abs(read_frames(out, range(40)).astype(int) - frames).mean() < 3.0
+    # The audio packets are copied as they are; Matroska rounds their times to the millisecond.
+    copied, original = _audio_packets(out), _audio_packets(source)
+    assert [p[1:] for p in copied] == [p[1:] for p in original]
+    assert np.allclose([p[0] for p in copied], [p[0] for p in original], atol=0.0006)
+
+
+def test_frame_times_that_do_not_match_the_frames_written_are_an_error(tmp_path: Path) -> None:
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    writer = VideoWriter(tmp_path / "x.mkv", 16, 16, "30/1", codec="x264rgb", frame_times=[0.0, 0.5])
+    writer.write(frames)
+    with pytest.raises(Exception, match="3 frames written but 2 frame times"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def rotated_clips(tmp_path_factory) -> dict[str, Path]:
+    """single_face (stored 640x360), tagged to display turned: an mp4 display matrix (90 degrees
+    counter-clockwise) and a legacy Matroska `rotate` tag (90 degrees clockwise)."""
+    root = tmp_path_factory.mktemp("rotated")
+    plain = root / "plain.mkv"
+    _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "12", "-c:v", "libx264", "-preset", "ultrafast", "-an", str(plain))
+    matrix, tag = root / "matrix.mp4", root / "tag.mkv"
+    _ffmpeg("-display_rotation:v:0", "90", "-i", str(plain), "-c", "copy", str(matrix))
+    _ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(tag))
+    return {"plain": plain, "matrix": matrix, "tag": tag}
+
+
+@pytest.mark.parametrize(("kind", "turns"), [("matrix", 1), ("tag", -1)])
+def test_rotated_clips_decode_upright_at_their_upright_size(rotated_clips, kind: str, turns: int) -> None:
+    info = probe(rotated_clips[kind])
+    assert (info.width, info.height) == (360, 640)
+    stored = read_frames(rotated_clips["plain"], range(12))
+    upright = np.rot90(stored, turns, axes=(1, 2))
+    assert np.array_equal(read_frames(rotated_clips[kind], range(12)), upright)
+    batches = [batch for _, batch in iter_frames(rotated_clips[kind], batch_size=5)]
+    assert np.array_equal(np.concatenate(batches), upright)
+
+
+@pytest.fixture(scope="module")
+def size_change(tmp_path_factory) -> Path:
+    """A transport stream that switches from 320x180 to 640x360 after 20 frames."""
+    root = tmp_path_factory.mktemp("sizes")
+    small, large = root / "small.ts", root / "large.ts"
+    _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "20", "-vf", "scale=320:180", "-c:v", "libx264", "-an", str(small))
+    _ffmpeg("-ss", "1", "-i", str(SINGLE_FACE), "-frames:v", "20", "-c:v", "libx264", "-an", str(large))
+    joined = root / "joined.ts"
+    joined.write_bytes(small.read_bytes() + large.read_bytes())
+    return joined
+
+
+def test_a_size_change_mid_stream_is_refused_not_cropped(size_change: Path) -> None:
+    with pytest.raises(VideoDecodeError, match=r"frame size changes mid-stream \(320x180, then 640x360\)"):
+        probe(size_change)
