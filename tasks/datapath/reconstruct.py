@@ -13,6 +13,7 @@ A plain function (no Ray), like the public module's loop in `tasks/datapath/anon
 """
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Iterator
@@ -29,8 +30,20 @@ from tasks.datapath.encode import ATTACHMENT_MIMETYPE
 from tasks.datapath.keys import AuthorityPrivateKey, DataKey, envelope_from_bytes, unwrap_data_key
 from tasks.datapath.seal import SealedVideo
 from tasks.datapath.track import Roi
-from tasks.datapath.video_loop import (PipelineSettings, Timer, bound_heap_fragmentation, noise_source,
-                                       progress_bar, temporary_beside, timed_batches, writer_for)
+from tasks.datapath.video_loop import (
+    PipelineSettings,
+    Timer,
+    bound_heap_fragmentation,
+    noise_source,
+    progress_bar,
+    temporary_beside,
+    timed_batches,
+    writer_for,
+)
+
+# Frames whose in-pixel envelopes vote for the video's identity when no sealed data is attached.
+ENVELOPE_VOTERS = 9
+
 
 class NothingToRestore(Exception):
     """A public file that holds neither sealed data nor an in-pixel payload."""
@@ -69,21 +82,29 @@ class _Keys:
     sealed: SealedVideo | None
 
 
-def _open(public: Path, sealed_part: Path, private_key: AuthorityPrivateKey) -> _Keys:
+def _open(public: Path, sealed_part: Path, private_key: AuthorityPrivateKey, frame_count: int) -> _Keys:
     """Unwrap the data key from the attachment's envelope, else from frame 0's payload."""
     if read_attachment(public, ATTACHMENT_MIMETYPE, sealed_part):
         sealed = SealedVideo(sealed_part)
         data_key = unwrap_data_key(sealed.envelope, private_key, sealed.video_id)
         sealed.unlock(data_key)
         return _Keys(sealed.video_id, data_key, sealed)
-    try:
-        envelope, unverified = stego.read_envelope(read_frames(public, [0])[0])
-    except stego.PayloadError:
+    # Every frame carries the envelope; the first ones vote, so one frame spliced in from another
+    # video (frame 0 included) is counted as a bad payload like any other instead of deciding the key.
+    votes: collections.Counter[tuple[str, bytes]] = collections.Counter()
+    for frame in read_frames(public, range(min(ENVELOPE_VOTERS, frame_count))):
+        try:
+            envelope, unverified = stego.read_envelope(frame)
+        except stego.PayloadError:
+            continue
+        votes[unverified.video_id, envelope] += 1
+    if not votes:
         raise NothingToRestore(f"{public}: no sealed data attached and no in-pixel payload (a lossy public "
-                               "file whose attachment was stripped): nothing to restore from") from None
+                               "file whose attachment was stripped): nothing to restore from")
+    (video_id, envelope), _ = votes.most_common(1)[0]
     # The envelope binds the video id, so a forged id fails to unwrap; extract() then checks the tag.
-    data_key = unwrap_data_key(envelope_from_bytes(envelope), private_key, unverified.video_id)
-    return _Keys(unverified.video_id, data_key, None)
+    data_key = unwrap_data_key(envelope_from_bytes(envelope), private_key, video_id)
+    return _Keys(video_id, data_key, None)
 
 
 def _carries_payload(frame: np.ndarray) -> bool:
@@ -124,7 +145,7 @@ def reconstruct_video(
     record = RestoreRecord(None, str(public), str(output), private_key.fingerprint)
     with temporary_beside(output, ".uuseal") as sealed_part:
         with timer.stage("unseal"):
-            keys = _open(public, sealed_part, private_key)
+            keys = _open(public, sealed_part, private_key, info.frame_count)
         record.video_id = keys.video_id
         sealed = keys.sealed
         payload_key = keys.data_key.payload_key()
@@ -135,7 +156,7 @@ def reconstruct_video(
         crops: Iterator[tuple[int, list]] = sealed.crops_by_frame() if use_crops else iter(())
         listed: Iterator[tuple[int, list]] = sealed.rois_by_frame() if sealed is not None else iter(())
         next_crops, next_listed = next(crops, None), next(listed, None)
-        bar = progress_bar(info.frame_count, f"reconstruct {public.name}", progress)
+        bar = progress_bar(info.frame_count, f"reconstruct {public.name}", progress, settings.progress_style)
         source_frames = iter_frames(source, batch_size=settings.batch_size) if source else None
         source_buffer: list[np.ndarray] = []
         squared_error, roi_pixels = 0.0, 0

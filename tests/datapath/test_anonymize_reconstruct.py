@@ -23,7 +23,14 @@ from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import probe, read_frames
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair, load_pipeline_pair, save_face_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import DataKey, NotARecipientError, generate_key_pair, parse_private_key
+from tasks.datapath.keys import (
+    DataKey,
+    NotARecipientError,
+    envelope_to_bytes,
+    generate_key_pair,
+    parse_private_key,
+    wrap_data_key,
+)
 from tasks.datapath.reconstruct import NothingToRestore, reconstruct_video
 from tasks.datapath.video_loop import PipelineSettings
 
@@ -185,6 +192,33 @@ def test_a_forged_frame_is_left_as_it_is_and_counted(permutation_run, key, tmp_p
                                settings=settings, progress=False)
     assert record.frames_payload_invalid == 1 and record.frames_with_payload == len(frames) - 1
     assert np.array_equal(read_frames(tmp_path / "rec.mkv", [3])[0], frames[3])
+
+
+def test_frames_spliced_in_from_another_video_are_counted_not_fatal(permutation_run, tmp_path):
+    """Another video's frames at 0 and 5, its envelope open to the same authority: the worst case,
+    since frame 0's envelope alone would unwrap the other video's key."""
+    settings = PipelineSettings(model="keyed-permutation", batch_size=8, public_format="x264rgb")
+    frames = permutation_run["public"].copy()
+    other_id, other_key = "feed" * 16, DataKey(b"x" * 32)
+    other_envelope = envelope_to_bytes(wrap_data_key(other_key, [AUTHORITY.public], other_id))
+    spliced_rois = 0
+    for f in (0, 5):
+        _, payload = stego.read_envelope(frames[f])
+        spliced_rois += len(payload.rois)
+        frames[f] = stego.embed(frames[f], stego.FramePayload(f, other_id, other_key.payload_key().key_id,
+                                                              payload.rois), other_key.payload_key(), other_envelope)
+    spliced = tmp_path / "spliced.mkv"
+    from tasks.datapath.encode import VideoWriter
+
+    with VideoWriter(spliced, frames.shape[2], frames.shape[1], "25/1") as writer:
+        writer.write(frames)
+    record = reconstruct_video(spliced, tmp_path / "rec.mkv", private_key=AUTHORITY, swapper=PERMUTATION,
+                               settings=settings, progress=False)
+    assert record.video_id == permutation_run["video_id"]
+    assert record.frames_payload_invalid == 2 and record.frames_with_payload == len(frames) - 2
+    assert spliced_rois > 0 and record.rois_restored == permutation_run["restored"].rois_restored - spliced_rois
+    assert np.array_equal(read_frames(tmp_path / "rec.mkv", [0, 5]), frames[[0, 5]])
+    assert np.array_equal(read_frames(tmp_path / "rec.mkv", [1])[0], permutation_run["rebuilt"][1])
 
 
 def test_unet_weights_file_loads_and_anonymizes_a_real_clip(clips, key, tmp_path):
