@@ -27,8 +27,16 @@ from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, 
 from tasks.datapath.release_check import check_public_stream, listed_rois, payload_rois, sample_frames
 from tasks.datapath.seal import SealedVideo, SealWriter
 from tasks.datapath.track import FaceTracker, Roi
-from tasks.datapath.video_loop import (PipelineSettings, Timer, bound_heap_fragmentation, noise_source,
-                                       progress_bar, temporary_beside, timed_batches, writer_for)
+from tasks.datapath.video_loop import (
+    PipelineSettings,
+    Timer,
+    bound_heap_fragmentation,
+    noise_source,
+    progress_bar,
+    temporary_beside,
+    timed_batches,
+    writer_for,
+)
 from tasks.judges import SFaceJudge
 
 SEALED_NAME = "sealed.uuseal"  # the attachment's file name inside the public file
@@ -133,7 +141,7 @@ def anonymize_video(
             roi_parts += 1
         roi_rows = []
 
-    bar = progress_bar(info.frame_count, f"anonymize {Path(source).name}", progress)
+    bar = progress_bar(info.frame_count, f"anonymize {Path(source).name}", progress, settings.progress_style)
 
     def emit(ready: list[tuple[int, list[Roi]]]) -> None:
         if not ready:

@@ -41,6 +41,9 @@ class PipelineSettings:
     device: str = "auto"  # "auto": CUDA when this worker was given a GPU, CPU otherwise
     torch_threads: int = 0  # 0: leave torch's default
     release_check_frames: int = 48  # at most this many public frames re-checked per video
+    # "bar" in a terminal; "lines" (a plain line every few seconds) where the log is a file. The
+    # flows choose by whether their own stderr is a terminal: an actor's never is.
+    progress_style: str = "bar"
 
 
 class Timer:
@@ -104,10 +107,39 @@ def temporary_beside(path: str | Path, suffix: str) -> Iterator[Path]:
         Path(name).unlink(missing_ok=True)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A progress bar that renders on the driver when called inside a Ray actor."""
+class LineProgress:
+    """Progress as plain log lines, at most one every `every_s` seconds and one at the end: what a
+    log file or a scheduler's console can hold (a terminal bar there is escape codes and repeats)."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 10.0, stream=None) -> None:
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def close(self) -> None:
+        self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        elapsed = max(self.last - self.start, 1e-9)
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        print(f"{self.desc}: {self.done}/{self.total} frames ({percent:.0f} %), {self.done / elapsed:.1f} fps",
+              file=self.stream, flush=True)
+
+
+def progress_bar(total: int, desc: str, enabled: bool, style: str = "bar"):
+    """Progress for one video: a bar (`style` "bar"; rendered on the driver when called inside a
+    Ray actor) for a terminal, plain lines ("lines") for a log, or None when not `enabled`."""
     if not enabled:
         return None
+    if style == "lines":
+        return LineProgress(total, desc)
     # Inside an actor Ray is already loaded; a loop run without a cluster must not load it.
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
@@ -131,7 +163,8 @@ def timed_batches(path: str | Path, batch_size: int, timer: Timer) -> Iterator[t
 
 
 def writer_for(output: str | Path, info: VideoInfo, audio_from: str | Path, video_format: str) -> VideoWriter:
-    """A writer with the input's size and rate, copying its audio streams if it has any."""
+    """A writer with the input's size, rate and frame times, copying its audio streams if it has any."""
     return VideoWriter(output, info.width, info.height, info.fps_rational,
-                       audio_source=str(audio_from) if info.audio_streams else None, codec=video_format)
+                       audio_source=str(audio_from) if info.audio_streams else None, codec=video_format,
+                       frame_times=info.frame_times)
 
