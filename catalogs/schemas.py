@@ -48,7 +48,9 @@ VIDEOS = pa.schema([
     optional("fps", FLOAT64),
     optional("fps_rational", STRING),  # e.g. "30000/1001": the exact timebase
     optional("audio_streams", INT32),
-    required("status", STRING),  # "done" | "failed" | "needs_review"
+    # "done" | "needs_review" | "failed" (the input is at fault: not tried again) |
+    # "interrupted" (the run's fault: a full disk, a dead worker; tried again by the next run)
+    required("status", STRING),
     optional("error", STRING),
     optional("output_path", STRING),
     # Run configuration: known before any video is touched.
@@ -123,7 +125,8 @@ RUNS = pa.schema([
     optional("n_skipped", INT32),
     optional("key_id", STRING),  # key fingerprints (comma-separated); training and evaluation use none
     required("host", STRING),
-    required("status", STRING),
+    required("status", STRING),  # "running" | "done" | "failed" | "crashed" (stopped without closing its row)
+    optional("error", STRING),  # why a run crashed
 ])
 
 # One row per measured number; low/high bound a confidence interval.
@@ -151,7 +154,7 @@ AUDIT = pa.schema([
     required("key_fingerprint", STRING),  # of the authority's private key used
     required("restore_path", STRING),  # "sealed" | "learned" | "none"
     optional("seal", STRING),  # the sealed data's quality; null when absent
-    required("status", STRING),  # "done" | "partial" | "failed"
+    required("status", STRING),  # "done" | "partial" | "failed" | "interrupted" (worker died; retried)
     optional("error", STRING),
     optional("frames", INT32),
     optional("frames_with_payload", INT32),

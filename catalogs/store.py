@@ -163,6 +163,16 @@ class CatalogStore:
             raise
         return path
 
+    def remove_parts(self, table: str, run_id: str, part_prefix: str) -> list[Path]:
+        """Delete the files of `run_id` whose part name starts with `part_prefix`; returns them."""
+        directory = self.table_dir(table)
+        if not directory.is_dir():
+            return []
+        removed = sorted(directory.glob(f"{_safe_name(run_id)}__{_safe_name(part_prefix)}*.parquet"))
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
     def read(self, table: str, filters: list[tuple] | None = None,
              columns: list[str] | None = None) -> pd.DataFrame:
         """All rows of a table (optionally filtered), typed by the current schema.

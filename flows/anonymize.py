@@ -11,6 +11,7 @@ skipped. Originals are only read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import socket
@@ -26,10 +27,30 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id, utc_now
-from flows.runtime import ActorPool, add_pipeline_arguments, format_table, public_name, scan_videos, start_ray
+from flows.runtime import (
+    FAILURE_STATUSES,
+    ActorPool,
+    add_pipeline_arguments,
+    clear_attempt,
+    close_stale_runs,
+    failure_status,
+    format_table,
+    hidden_partials,
+    output_folder_lock,
+    public_name,
+    publish_summary,
+    scan_videos,
+    start_ray,
+)
 from tasks.datapath.encode import VIDEO_FORMATS
-from tasks.datapath.keys import (DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, AuthorityPublicKey, KeyFileError,
-                                 load_public_key, public_keys_for_anonymize)
+from tasks.datapath.keys import (
+    DEFAULT_PRIVATE_KEY,
+    DEFAULT_PUBLIC_KEY,
+    AuthorityPublicKey,
+    KeyFileError,
+    load_public_key,
+    public_keys_for_anonymize,
+)
 from tasks.datapath.seal import QUALITIES
 from tasks.datapath.video_loop import PipelineSettings
 
@@ -67,12 +88,14 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
 @task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
 def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, recipients: list[AuthorityPublicKey],
                   run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
-    """One video on one actor. Bad input is recorded as `failed` (no retry: it would fail again);
-    only a dead actor raises, so Prefect retries the video on a fresh one."""
+    """One video on one actor. A failure inside the video's own work is recorded here, as `failed`
+    when the input is at fault and `interrupted` otherwise (see flows.runtime.failure_status); only
+    a dead actor raises, so Prefect retries the video on a fresh one."""
     logger = get_run_logger()
     catalog = CatalogStore(catalog_root)
     started = utc_now()
     fingerprints = _fingerprints(recipients)
+    clear_attempt(catalog, run_id, video_id, output)  # what an earlier attempt left, if one died
     try:
         with pool.acquire() as actor:
             record = ray.get(actor.anonymize.remote(str(source), str(output), recipients, video_id,
@@ -80,8 +103,16 @@ def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, re
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
         message = f"{type(cause).__name__}: {cause}"
-        logger.error("%s failed: %s", source, message)
-        row = _video_row(run_id, source, video_id, settings, fingerprints, started, "failed", error=message)
+        status = failure_status(cause)
+        logger.error("%s %s: %s", source, "failed" if status == "failed" else
+                     "interrupted (tried again by the next run)", message)
+        clear_attempt(catalog, run_id, video_id, output)
+        row = _video_row(run_id, source, video_id, settings, fingerprints, started, status, error=message)
+    except ray.exceptions.RayActorError as err:
+        logger.warning("%s: the worker died mid-video (%s); its partial output is removed and the video "
+                       "retried on a fresh worker", source.name, str(err).splitlines()[0] if str(err) else err)
+        clear_attempt(catalog, run_id, video_id, output)
+        raise
     else:
         status = "needs_review" if record["needs_review"] else "done"
         row = _video_row(run_id, source, video_id, settings, fingerprints, started, status, record)
@@ -135,7 +166,8 @@ def anonymize_archive(
                        recipients[0].fingerprint, DEFAULT_PUBLIC_KEY)
     logger.info("sealing to %d authority key(s): %s", len(recipients), _fingerprints(recipients))
     settings = PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
-                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap, device=device)
+                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap, device=device,
+                                progress_style="bar" if sys.stderr.isatty() else "lines")
     run_id, started = new_run_id(), utc_now()
     params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out),
                   public_keys=[str(k.path) for k in recipients])
@@ -143,8 +175,36 @@ def anonymize_archive(
                    output_dir=str(out), params_json=json.dumps(params, sort_keys=True),
                    key_id=_fingerprints(recipients),
                    host=socket.gethostname(), status="running")
-    catalog.write_part("runs", run_id, "summary", [run_row])
+    with output_folder_lock(out, "anonymize", run_id):
+        for stale in close_stale_runs(catalog, out):
+            logger.warning("run %s stopped without finishing (killed, or its host died): marked crashed", stale)
+        for partial in hidden_partials(public_root):  # we hold the lock: no writer is alive
+            logger.warning("removing %s, left by a run that died while writing it", partial)
+            partial.unlink(missing_ok=True)
+        catalog.write_part("runs", run_id, "summary", [run_row])
+        try:
+            rows, sources, skipped = _run_jobs(archive, out, catalog, public_root, recipients, settings, run_id,
+                                               started, workers, ray_address, retry_failed, logger)
+        except BaseException as err:  # the row must not stay "running": say how the run ended
+            with contextlib.suppress(OSError):  # a full disk may refuse even this; the next run closes it
+                catalog.write_part("runs", run_id, "summary", [dict(
+                    run_row, finished_at=utc_now(), status="crashed", error=f"{type(err).__name__}: {err}")])
+            raise
+        n_failed = sum(r["status"] in FAILURE_STATUSES for r in rows)
+        catalog.write_part("runs", run_id, "summary", [dict(
+            run_row, finished_at=utc_now(), n_videos=len(sources), n_done=len(rows) - n_failed,
+            n_failed=n_failed, n_skipped=len(skipped), status="failed" if n_failed else "done")])
+    for row in rows:
+        row["name"] = Path(row["source_path"]).name
+    rows += [dict(name=s.name, status=f"skipped ({why})") for s, why in skipped]
+    publish_summary("anonymize", run_id, rows, SUMMARY_COLUMNS)
+    return rows
 
+
+def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path,
+              recipients: list[AuthorityPublicKey], settings: PipelineSettings, run_id: str, started,
+              workers: int | None, ray_address: str | None, retry_failed: bool, logger):
+    """Scan, skip what is done (or failed for good), and fan the rest out to the actors."""
     sources = scan_videos(archive, exclude=[out])
     known = catalog.latest_video_status()
     jobs, skipped, seen = [], [], set()
@@ -167,24 +227,18 @@ def anonymize_archive(
         try:
             futures = [anonymize_one.submit(src, dst, vid, pool, recipients, run_id,
                                             str(catalog.root), pool.settings) for src, dst, vid in jobs]
-            for (src, _, vid), future in zip(jobs, futures):
+            for (src, dst, vid), future in zip(jobs, futures):
                 try:
                     rows.append(future.result())
-                except Exception as err:  # retries exhausted (actor kept dying): record, go on
-                    row = _video_row(run_id, src, vid, settings, _fingerprints(recipients), started, "failed",
-                                     error=f"{type(err).__name__}: {err}")
+                except Exception as err:  # retries exhausted (the actor kept dying): record, go on
+                    clear_attempt(catalog, run_id, vid, dst)
+                    row = _video_row(run_id, src, vid, settings, _fingerprints(recipients), started,
+                                     "interrupted", error=f"{type(err).__name__}: {err}")
                     catalog.write_part("videos", run_id, vid, [row])
                     rows.append(row)
         finally:
             pool.shutdown()
-    n_failed = sum(r["status"] == "failed" for r in rows)
-    catalog.write_part("runs", run_id, "summary", [dict(
-        run_row, finished_at=utc_now(), n_videos=len(sources), n_done=len(rows) - n_failed,
-        n_failed=n_failed, n_skipped=len(skipped), status="failed" if n_failed else "done")])
-    for row in rows:
-        row["name"] = Path(row["source_path"]).name
-    rows += [dict(name=s.name, status=f"skipped ({why})") for s, why in skipped]
-    return rows
+    return rows, sources, skipped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} videos in {time.perf_counter() - start:.1f} s as {getpass.getuser()}")
-    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+    return 1 if any(r.get("status") in FAILURE_STATUSES for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ against it. `--verify-audit` checks the audit chain instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import socket
@@ -29,7 +30,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import CatalogStore, new_run_id, utc_now
 from catalogs.audit import append_audit_row, verify_audit_chain
-from flows.runtime import ActorPool, add_pipeline_arguments, format_table, scan_videos, start_ray
+from flows.runtime import (
+    FAILURE_STATUSES,
+    ActorPool,
+    add_pipeline_arguments,
+    close_stale_runs,
+    failure_status,
+    format_table,
+    hidden_partials,
+    output_folder_lock,
+    publish_summary,
+    scan_videos,
+    start_ray,
+)
 from tasks.datapath.encode import LOSSLESS_CODECS
 from tasks.datapath.keys import DEFAULT_PRIVATE_KEY, AuthorityPrivateKey, KeyFileError, load_private_key
 from tasks.datapath.video_loop import PipelineSettings
@@ -57,14 +70,26 @@ def reconstruct_one(public: Path, output: Path, pool: ActorPool, private_key: Au
     row: dict[str, Any] = dict(run_id=run_id, public_path=str(public), output_path=None,
                                key_fingerprint=private_key.fingerprint, operator=getpass.getuser(),
                                host=socket.gethostname(), started_at=started, restore_path="none")
+    for partial in hidden_partials(output.parent, output):  # an earlier attempt's, if its worker died
+        partial.unlink(missing_ok=True)
     try:
         with pool.acquire() as actor:
             record = ray.get(actor.reconstruct.remote(str(public), str(output), private_key, source_path))
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if getattr(err, "cause", None) is not None else err
-        row.update(video_id=source["video_id"] if source else "unknown", status="failed",
+        row.update(video_id=source["video_id"] if source else "unknown", status=failure_status(cause),
                    error=f"{type(cause).__name__}: {cause}")
-        logger.error("%s failed: %s", public, row["error"])
+        logger.error("%s %s: %s", public, row["status"], row["error"])
+    except ray.exceptions.RayActorError as err:
+        # Every attempt is audited, this one too, before Prefect retries on a fresh worker.
+        logger.warning("%s: the worker died mid-file (%s); retried on a fresh worker", public.name,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        finished = utc_now()
+        append_audit_row(CatalogStore(catalog_root), dict(
+            row, video_id=source["video_id"] if source else "unknown", status="interrupted",
+            error=f"worker died: {type(err).__name__}", finished_at=finished,
+            seconds_total=(finished - started).total_seconds()))
+        raise
     else:
         invalid, failed = record["frames_payload_invalid"], record["chunks_failed"]
         row.update(video_id=record["video_id"] or "unknown", output_path=str(output),
@@ -106,35 +131,48 @@ def reconstruct_streams(
     key = load_private_key(private_key or DEFAULT_PRIVATE_KEY)  # never created here: a new key restores nothing
     catalog = CatalogStore(out / "catalogs")
     settings = PipelineSettings(model=model, weights=weights, restore_format=restore_format,
-                                batch_size=batch_size, device=device)
+                                batch_size=batch_size, device=device,
+                                progress_style="bar" if sys.stderr.isatty() else "lines")
     run_id, started = new_run_id(), utc_now()
     run_row = dict(run_id=run_id, flow="reconstruct", started_at=started, input_dir=str(public_root),
                    output_dir=str(out), params_json=json.dumps(asdict(settings), sort_keys=True),
                    key_id=key.fingerprint, host=socket.gethostname(), status="running")
-    catalog.write_part("runs", run_id, "summary", [run_row])
-
-    publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
-    sources = _sources_by_public_path(catalog)
-    logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
-    rows: list[dict[str, Any]] = []
-    if publics:
-        start_ray(ray_address)
-        pool = ActorPool(settings, workers)
+    with output_folder_lock(out, "reconstruct", run_id):
+        for stale in close_stale_runs(catalog, out):
+            logger.warning("run %s stopped without finishing (killed, or its host died): marked crashed", stale)
+        for partial in hidden_partials(out / "reconstructed"):  # we hold the lock: no writer is alive
+            logger.warning("removing %s, left by a run that died while writing it", partial)
+            partial.unlink(missing_ok=True)
+        catalog.write_part("runs", run_id, "summary", [run_row])
         try:
-            futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool, key,
-                                              run_id, str(catalog.root), sources.get(str(p.resolve())))
-                       for p in publics]
-            for public, future in zip(publics, futures):
+            publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
+            sources = _sources_by_public_path(catalog)
+            logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
+            rows: list[dict[str, Any]] = []
+            if publics:
+                start_ray(ray_address)
+                pool = ActorPool(settings, workers)
                 try:
-                    rows.append(future.result())
-                except Exception as err:  # retries exhausted: keep going with the others
-                    rows.append(dict(public_path=str(public), status="failed", error=f"{type(err).__name__}: {err}"))
-        finally:
-            pool.shutdown()
-    n_failed = sum(r["status"] == "failed" for r in rows)
-    catalog.write_part("runs", run_id, "summary", [dict(
-        run_row, finished_at=utc_now(), n_videos=len(publics), n_done=len(rows) - n_failed,
-        n_failed=n_failed, n_skipped=0, status="failed" if n_failed else "done")])
+                    futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool,
+                                                      key, run_id, str(catalog.root), sources.get(str(p.resolve())))
+                               for p in publics]
+                    for public, future in zip(publics, futures):
+                        try:
+                            rows.append(future.result())
+                        except Exception as err:  # retries exhausted: keep going with the others
+                            rows.append(dict(public_path=str(public), status="interrupted",
+                                             error=f"{type(err).__name__}: {err}"))
+                finally:
+                    pool.shutdown()
+        except BaseException as err:  # the row must not stay "running": say how the run ended
+            with contextlib.suppress(OSError):  # a full disk may refuse even this; the next run closes it
+                catalog.write_part("runs", run_id, "summary", [dict(
+                    run_row, finished_at=utc_now(), status="crashed", error=f"{type(err).__name__}: {err}")])
+            raise
+        n_failed = sum(r["status"] in FAILURE_STATUSES for r in rows)
+        catalog.write_part("runs", run_id, "summary", [dict(
+            run_row, finished_at=utc_now(), n_videos=len(publics), n_done=len(rows) - n_failed,
+            n_failed=n_failed, n_skipped=0, status="failed" if n_failed else "done")])
     for row in rows:
         src = sources.get(str(Path(row["public_path"]).resolve()), {})
         review = src.get("review_frames")
@@ -148,6 +186,7 @@ def reconstruct_streams(
                    size_ratio=src["public_bytes"] / src["source_bytes"] if pd.notna(src.get("public_bytes")) else None,
                    chunks=f"{row['chunks_total'] - row['chunks_failed']}/{row['chunks_total']}"
                    if row.get("chunks_total") else None)
+    publish_summary("reconstruct", run_id, rows, SUMMARY_COLUMNS)
     return rows
 
 
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = reconstruct_streams(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")
-    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+    return 1 if any(r.get("status") in FAILURE_STATUSES for r in rows) else 0
 
 
 if __name__ == "__main__":

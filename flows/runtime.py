@@ -1,19 +1,116 @@
-"""What both flows share: Ray start-up, the pool of long-lived actors, scanning, the summary table."""
+"""What both flows share: Ray start-up, the pool of long-lived actors, scanning, the summary
+table, and what keeps a run safe: one run per output folder, stale leftovers of a dead run
+cleared, and failures told apart (the input's fault, or the run's)."""
 from __future__ import annotations
 
 import argparse
+import fcntl
+import math
 import os
 import queue
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 
+from catalogs import CatalogStore
+from tasks.datapath.decode import VideoDecodeError
+from tasks.datapath.keys import EnvelopeError, KeyFileError, NotARecipientError
 from tasks.datapath.ray_actor import FaceWorker
+from tasks.datapath.reconstruct import NothingToRestore
 from tasks.datapath.video_loop import PipelineSettings
+
+LOCK_NAME = ".uunet-run.lock"
+# What a failure says about the input itself: the next run would get the same answer, so it
+# is recorded as `failed` and not tried again (unless asked). Anything else (a full disk,
+# ffmpeg killed, a dead worker, out of memory) is the run's fault: `interrupted`, and the
+# next run tries the video again.
+PERMANENT_FAILURES: tuple[type[BaseException], ...] = (
+    VideoDecodeError, NothingToRestore, NotARecipientError, EnvelopeError, KeyFileError, FileNotFoundError,
+    ValueError)
+
+
+FAILURE_STATUSES = frozenset({"failed", "interrupted"})
+
+
+class OutputFolderBusy(RuntimeError):
+    """Another run holds the output folder."""
+
+
+def failure_status(cause: BaseException) -> str:
+    """`failed` (the input is at fault: permanent) or `interrupted` (transient: retried next run)."""
+    return "failed" if isinstance(cause, PERMANENT_FAILURES) else "interrupted"
+
+
+@contextmanager
+def output_folder_lock(out: Path, flow: str, run_id: str) -> Iterator[Path]:
+    """Hold `out`'s run lock for the body, or raise OutputFolderBusy naming the holder.
+
+    flock, not a marker file: the kernel drops the lock when its process dies, however it
+    dies, so a crashed run never blocks the next one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the body)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a run that has not written its name yet"
+        handle.close()
+        raise OutputFolderBusy(f"{out} is in use by another run ({holder}): wait for it to finish, or write "
+                               "to another output folder") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{flow} run {run_id}, pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def close_stale_runs(catalog: CatalogStore, out: Path) -> list[str]:
+    """Mark `running` runs of this output folder as `crashed`; call holding its lock, so none
+    of them can be alive. Returns their run ids."""
+    runs = catalog.read("runs")
+    if runs.empty:
+        return []
+    latest = runs.sort_values("started_at", kind="stable").drop_duplicates("run_id", keep="last")
+    stale = latest[(latest["status"] == "running") & (latest["output_dir"] == str(out))]
+    for row in stale.to_dict("records"):
+        row = {k: (None if pd.isna(v) else v) for k, v in row.items()}
+        catalog.write_part("runs", row["run_id"], "summary", [dict(
+            row, status="crashed", error="the run stopped without closing its row (killed, or its host died)")])
+    return [str(r) for r in stale["run_id"]]
+
+
+def hidden_partials(folder: Path, output: Path | None = None) -> list[Path]:
+    """Hidden temporary files our writers leave only when their process dies: all of them under
+    `folder`, or only `output`'s."""
+    if not folder.is_dir():
+        return []
+    if output is not None:
+        return [p for p in output.parent.glob(f".*{output.name}.*") if ".partial" in p.name]
+    return [p for p in folder.rglob(".*") if p.is_file() and ".partial" in p.name]
+
+
+def clear_attempt(catalog: CatalogStore, run_id: str, video_id: str, output: Path) -> None:
+    """Before an attempt at a video, and after its last failed one: no partial file and no
+    ROI or sequence rows of an earlier attempt of this run."""
+    for partial in hidden_partials(output.parent, output):
+        partial.unlink(missing_ok=True)
+    for table in ("rois", "sequences"):
+        catalog.remove_parts(table, run_id, video_id)
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
                   ".wmv", ".flv", ".3gp", ".y4m"}
@@ -90,7 +187,8 @@ class ActorPool:
         try:
             yield actor
         except ray.exceptions.RayActorError:
-            # The actor died (out of memory, killed): replace it so the pool keeps its size.
+            # The actor died (out of memory, killed, a native crash: its faulthandler stack is in
+            # the log above): replace it so the pool keeps its size.
             actor = self._spawn()
             raise
         finally:
@@ -131,3 +229,27 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """The summary table as Markdown, for a Prefect artifact (the UI of a served deployment)."""
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def publish_summary(flow: str, run_id: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    """The run's summary table as a Markdown artifact; a run with no Prefect API (a plain
+    function call) skips it."""
+    from prefect.artifacts import create_markdown_artifact
+
+    failed = sum(r.get("status") in FAILURE_STATUSES for r in rows)
+    heading = f"## {flow} run {run_id}\n\n{len(rows)} videos, {failed} failed or interrupted.\n\n"
+    create_markdown_artifact(markdown=heading + markdown_table(rows, columns), key=f"{flow}-summary",
+                             description=f"what the {flow} run {run_id} did, one row per video")

@@ -6,6 +6,7 @@ The only module of `tasks/` that imports Ray.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 from typing import Any
 
@@ -34,6 +35,10 @@ class FaceWorkerImpl:
 
     def __init__(self, settings: PipelineSettings) -> None:
         import torch
+
+        # A native crash (decoder, torch, ffmpeg bindings) otherwise kills the worker without a
+        # word; this prints every thread's Python stack to its stderr, which Ray forwards to the log.
+        faulthandler.enable(all_threads=True)
 
         self.settings = settings
         if settings.torch_threads > 0:
