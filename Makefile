@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(PY) -m bench.throughput --sizes
 	$(PY) -m bench.memory
+	$(PY) -m bench.keyframes
 
 # The recipe of the bundled weights (models/weights/MODEL_CARD.md), from scratch: builds the
 # offline corpus in out/corpus, then phase I and phase II; resumes if interrupted.

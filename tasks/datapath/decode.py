@@ -267,7 +267,7 @@ def read_attachment(path: str | Path, mimetype: str, dest: str | Path) -> bool:
 
 
 def iter_frames(
-    path: str | Path, batch_size: int = 32, start: int = 0, stop: int | None = None
+    path: str | Path, batch_size: int = 32, start: int = 0, stop: int | None = None, via: str = "auto"
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (index of first frame, uint8 (n, H, W, 3) RGB) for frames start..stop-1, in order.
 
@@ -275,19 +275,33 @@ def iter_frames(
     flush before every yield. decord's decoder thread otherwise keeps decoding
     every packet it has queued (often the whole file) while the caller works:
     measured on a 4720-frame 640x360 clip with a slow consumer, RSS climbed to
-    3.2 GB. The flush costs a re-decode from the keyframe before the next batch,
+    3.2 GB. The flush costs a re-decode from the keyframe before the next batch:
     nothing when batches start on keyframes (our encoder puts one every 32
-    frames), quadratic time for long videos with a single keyframe.
+    frames), about 0.8 of a decode for a keyframe every 2 s, quadratic time for
+    a long video with a single keyframe. Where the flushes would more than double
+    the decoding, the frames come from PyAV instead, which decodes only on demand
+    and so needs no flush (`_iter_frames_pyav`).
+    `via` forces one path ("decord" or "pyav"; benchmarks and tests compare them).
     Container-level truncation (Matroska) is detected by `probe`: call it first.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if via not in ("auto", "decord", "pyav"):
+        raise ValueError(f"via must be auto, decord or pyav, got {via!r}")
     reader = _open(path)
     total = len(reader)
     stop = total if stop is None else min(stop, total)
     if not 0 <= start <= stop:
         raise ValueError(f"need 0 <= start <= stop <= {total}, got start={start}, stop={stop}")
     height, width = _frame_size(reader, path)
+    if via == "pyav" or (via == "auto" and
+                         flush_redecodes(reader.get_key_indices(), start, stop, batch_size) > stop - start):
+        # Decoding frame 0 for the size set decord's thread going; left alive, it decodes the
+        # whole file into memory beside PyAV (1.4 GB for 5 minutes of 640x360).
+        reader.seek(0)
+        del reader
+        yield from _iter_frames_pyav(path, batch_size, start, stop, (height, width), total)
+        return
     for first in range(start, stop, batch_size):
         try:
             reader.seek_accurate(first)
@@ -306,6 +320,65 @@ def iter_frames(
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
         yield first, batch
+
+
+def flush_redecodes(keyframes: Sequence[int], start: int, stop: int, batch_size: int) -> int:
+    """Frames decoded twice by `iter_frames`' decord path: after each flush, the next batch
+    is decoded again from the keyframe at or before its first frame."""
+    keys = np.sort(np.asarray(keyframes, dtype=np.int64))
+    firsts = np.arange(start + batch_size, stop, batch_size, dtype=np.int64)
+    if len(keys) == 0 or len(firsts) == 0:
+        return 0
+    previous = keys[np.clip(np.searchsorted(keys, firsts, side="right") - 1, 0, None)]
+    return int((firsts - previous).sum())
+
+
+def _display_turns(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
+    """Quarter turns (for np.rot90) that make a PyAV frame upright as decord returns it: the
+    display matrix counts counter-clockwise, the legacy `rotate` tag clockwise; decord leaves
+    angles that are not multiples of 90 alone, and so does this."""
+    tag = {k.lower(): v for k, v in stream.metadata.items()}.get("rotate", "0")
+    try:
+        degrees = round(frame.rotation) - int(float(tag))
+    except ValueError:
+        degrees = round(frame.rotation)
+    return (degrees // 90) % 4 if degrees % 90 == 0 else 0
+
+
+def _iter_frames_pyav(
+    path: str | Path, batch_size: int, start: int, stop: int, size: tuple[int, int], total: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`iter_frames` for files decord would re-decode over and over (long keyframe gaps).
+
+    PyAV pulls one frame per call and decodes nothing ahead, so no flush is needed. Its
+    RGB equals decord's for 8-bit sources (measured on yuv420p and yuv444p); for 10-bit
+    ones the two ffmpeg builds' converters differ by a few levels.
+    """
+    index = 0
+    batch: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if index >= stop:
+                    break
+                if index >= start:
+                    rgb = np.rot90(frame.to_ndarray(format="rgb24"), _display_turns(frame, stream))
+                    if rgb.shape[:2] != size:
+                        raise VideoDecodeError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                               f"frame 0 {size[1]}x{size[0]}")
+                    batch.append(rgb)
+                    if len(batch) == batch_size:
+                        yield index + 1 - batch_size, np.stack(batch)
+                        batch = []
+                index += 1
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {index} of {total} ({err})") from err
+    if index < stop:
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {index} of {total} (ends early)")
+    if batch:
+        yield stop - len(batch), np.stack(batch)
 
 
 def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iterator[tuple[list[int], np.ndarray]]:

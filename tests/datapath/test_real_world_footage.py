@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datapath.decode import VideoDecodeError, iter_frames, probe, read_frames
+from tasks.datapath.decode import VideoDecodeError, flush_redecodes, iter_frames, probe, read_frames
 from tasks.datapath.encode import VideoWriter, ffmpeg_exe
 from tests.datapath.test_decode_encode import SINGLE_FACE, _audio_packets
 
@@ -98,6 +98,50 @@ def test_rotated_clips_decode_upright_at_their_upright_size(rotated_clips, kind:
     assert np.array_equal(read_frames(rotated_clips[kind], range(12)), upright)
     batches = [batch for _, batch in iter_frames(rotated_clips[kind], batch_size=5)]
     assert np.array_equal(np.concatenate(batches), upright)
+
+
+@pytest.mark.parametrize("kind", ["matrix", "tag"])
+def test_the_pyav_path_turns_rotated_clips_upright_as_decord_does(rotated_clips, kind: str) -> None:
+    by_decord = np.concatenate([b for _, b in iter_frames(rotated_clips[kind], batch_size=5, via="decord")])
+    by_pyav = np.concatenate([b for _, b in iter_frames(rotated_clips[kind], batch_size=5, via="pyav")])
+    assert by_pyav.shape == by_decord.shape and np.array_equal(by_pyav, by_decord)
+
+
+def test_flush_redecodes_counts_the_frames_decoded_again_after_each_flush() -> None:
+    # Batches start at 0, 32, 64, 96; each one after the first restarts from the keyframe before it.
+    assert flush_redecodes([0], 0, 100, 32) == 32 + 64 + 96
+    assert flush_redecodes([0, 50], 0, 100, 32) == 32 + (64 - 50) + (96 - 50)
+    assert flush_redecodes(range(0, 100, 32), 0, 100, 32) == 0  # our encoder's keyframes
+    assert flush_redecodes([0], 10, 20, 32) == 0  # a single batch is never flushed
+
+
+@pytest.fixture(scope="module")
+def one_keyframe(tmp_path_factory) -> Path:
+    """150 frames of single_face (looped) with a keyframe at frame 0 only (as long phone or camera exports)."""
+    path = tmp_path_factory.mktemp("gop") / "one_keyframe.mp4"
+    _ffmpeg("-stream_loop", "2", "-i", str(SINGLE_FACE), "-frames:v", "150", "-an", "-c:v", "libx264", "-preset", "ultrafast",
+            "-x264-params", "keyint=infinite:min-keyint=infinite:scenecut=0", str(path))
+    return path
+
+
+def test_a_single_keyframe_file_is_read_by_pyav_with_decords_pixels(one_keyframe: Path) -> None:
+    assert flush_redecodes([0], 0, 150, 32) > 150  # so "auto" takes the PyAV path
+    auto = list(iter_frames(one_keyframe, batch_size=32))
+    assert [first for first, _ in auto] == [0, 32, 64, 96, 128] and len(auto[-1][1]) == 22
+    assert np.array_equal(np.concatenate([b for _, b in auto]), read_frames(one_keyframe, range(150)))
+    window = list(iter_frames(one_keyframe, batch_size=16, start=40, stop=70, via="pyav"))
+    assert [first for first, _ in window] == [40, 56]
+    assert np.array_equal(np.concatenate([b for _, b in window]), read_frames(one_keyframe, range(40, 70)))
+
+
+def test_the_pyav_path_reports_a_file_that_ends_early(tmp_path: Path, one_keyframe: Path) -> None:
+    cut = tmp_path / "cut.mp4"
+    data = one_keyframe.read_bytes()
+    # Keep the index (moov, at the end for ffmpeg's default mp4) but zero out the later frames' data.
+    cut.write_bytes(data[:len(data) // 3] + bytes(len(data) - len(data) // 3 - 20_000) + data[-20_000:])
+    with pytest.raises(VideoDecodeError, match="truncated/corrupt"):
+        for _ in iter_frames(cut, batch_size=32, via="pyav"):
+            pass
 
 
 @pytest.fixture(scope="module")
