@@ -6,6 +6,7 @@ Anything already set in the environment (PREFECT_API_URL for a real server, RAY_
 for a cluster) wins.
 """
 import os
+import sys
 from pathlib import Path
 
 _DEFAULTS = {
@@ -18,5 +19,9 @@ _DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
 }
+if not sys.stderr.isatty():
+    # Ray paints each forwarded worker line's "(FaceWorkerImpl pid=...)" prefix in ANSI
+    # colour even into a file or a journal; 0 turns the colour off (the prefix stays).
+    _DEFAULTS["RAY_COLOR_PREFIX"] = "0"
 for _name, _value in _DEFAULTS.items():
     os.environ.setdefault(_name, _value)

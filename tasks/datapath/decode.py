@@ -25,7 +25,7 @@ import ctypes.util
 import re
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -77,8 +77,9 @@ class VideoInfo:
     audio_streams: int
     duration_s: float
     # Start time (s) of each frame where the video is not constant-rate from 0 (variable frame
-    # rate, a late start); None where frame i starts at i / fps, the common case.
-    frame_times: tuple[float, ...] | None = None
+    # rate, a late start); None where frame i starts at i / fps, the common case. Left out of
+    # the repr: a log line would otherwise carry thousands of numbers.
+    frame_times: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 def fps_to_rational(fps: float) -> str:

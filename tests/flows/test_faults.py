@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from prefect.artifacts import Artifact
 
+import flows
 import flows.anonymize
 from catalogs import CatalogStore, new_run_id, utc_now
 from flows.anonymize import anonymize_archive
@@ -110,3 +115,23 @@ def test_a_transient_failure_is_retried_by_the_next_run_and_a_dead_writers_lefto
     videos = catalog.read("videos")
     assert sorted(videos["status"]) == ["done", "failed", "interrupted"]
     assert set(catalog.read("rois")["run_id"]) == {videos.loc[videos["status"] == "done", "run_id"].item()}
+
+
+def test_worker_log_prefixes_are_not_coloured_when_the_log_is_a_file(tmp_path) -> None:
+    script = ("import os, ray, flows\n"
+              "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)\n"
+              "@ray.remote\n"
+              "def hello():\n"
+              "    print('hello from a worker', flush=True)\n"
+              "ray.get(hello.remote())\n"
+              "import time; time.sleep(2)\n"  # the driver prints forwarded lines asynchronously
+              "print('prefix colour', os.environ['RAY_COLOR_PREFIX'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_COLOR_PREFIX", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(Path(flows.__file__).resolve().parents[1])
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=env,
+                       cwd=tmp_path, check=True, timeout=120)
+    text = log.read_text()
+    assert "prefix colour 0" in text and "hello from a worker" in text
+    assert "\x1b[" not in text
