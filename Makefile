@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-requirements
 ARCHIVE ?= samples
 OUT     ?= out
 
-.PHONY: install run test bench train train-public variants eval eval-readme clean
+.PHONY: install run check test bench train train-public variants eval eval-readme clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 # $(OUT)/reconstructed; catalogs in $(OUT)/catalogs. A second run skips videos already done.
 run: install
 	$(PY) -m flows.roundtrip $(ARCHIVE) $(OUT)
+
+# Prove an output folder complete: every done video has its public file with the right frame
+# count, and no catalog row points at nothing. Exit status 1 lists the problems.
+check: install
+	$(PY) -m flows.check_catalogs $(OUT)
 
 test: install
 	$(PY) -m pytest -q

@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
-    print(f"{len(rows)} videos in {time.perf_counter() - start:.1f} s as {getpass.getuser()}")
+    print(f"{len(rows)} video{'' if len(rows) == 1 else 's'} in {time.perf_counter() - start:.1f} s "
+          f"(run by {getpass.getuser()})")
     return 1 if any(r.get("status") in FAILURE_STATUSES for r in rows) else 0
 
 
