@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {len(problems)} problem(s)")
         return 1
     done = CatalogStore(f"{out}/catalogs").completed_video_ids()
-    print(f"{out}: complete, {len(done)} video{'' if len(done) == 1 else 's'} done, each public file present with its recorded frame count")
+    videos = f"{len(done)} video{'' if len(done) == 1 else 's'}"
+    print(f"{out}: complete, {videos} done, each public file present with its recorded frame count")
     return 0
 
 

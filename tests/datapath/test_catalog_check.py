@@ -31,7 +31,7 @@ def test_a_complete_folder_passes_and_each_gap_is_named(clips, tmp_path, capsys)
     catalog.write_part("videos", "run1", VIDEO, [_video_row(out, 16)])
     catalog.write_part("rois", "run1", f"{VIDEO}-00000", [_roi_row("run1")])
     assert check_output_folder(out) == []
-    assert main([str(out)]) == 0 and "complete, 1 videos done" in capsys.readouterr().out
+    assert main([str(out)]) == 0 and "complete, 1 video done" in capsys.readouterr().out
 
     catalog.write_part("videos", "run1", VIDEO, [_video_row(out, 17)])  # the catalog says 17
     catalog.write_part("rois", "run0", f"{VIDEO}-00000", [_roi_row("run0")])  # an attempt no row vouches for
