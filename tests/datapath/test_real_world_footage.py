@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import VideoDecodeError, flush_redecodes, iter_frames, probe, read_frames
+from tasks.datapath.deidentify import FaceSwapper, load_face_pair
 from tasks.datapath.encode import VideoWriter, ffmpeg_exe
+from tasks.datapath.keys import generate_key_pair, parse_private_key
+from tasks.datapath.reconstruct import reconstruct_video
+from tasks.datapath.video_loop import PipelineSettings
+from tests.datapath.test_anonymize_reconstruct import FixedBoxDetector
 from tests.datapath.test_decode_encode import SINGLE_FACE, _audio_packets
 
 FPS = 30
@@ -65,6 +71,24 @@ def test_the_writer_keeps_the_sources_frame_times_and_its_audio(tmp_path: Path, 
     copied, original = _audio_packets(out), _audio_packets(source)
     assert [p[1:] for p in copied] == [p[1:] for p in original]
     assert np.allclose([p[0] for p in copied], [p[0] for p in original], atol=0.0006)
+
+
+def test_public_and_restored_files_keep_a_variable_rate_sources_times_and_audio(tmp_path: Path, vfr_clips) -> None:
+    source = vfr_clips["mkv"]
+    authority = parse_private_key(generate_key_pair()[0])
+    swapper = FaceSwapper(load_face_pair("keyed-permutation", None))
+    settings = PipelineSettings(model="keyed-permutation", batch_size=16, release_check_frames=4)
+    record = anonymize_video(source, tmp_path / "public.mkv", recipients=[authority.public], video_id="ab" * 32,
+                             detector=FixedBoxDetector(), swapper=swapper, settings=settings, run_id="vfr",
+                             progress=False)
+    reconstruct_video(tmp_path / "public.mkv", tmp_path / "restored.mkv", private_key=authority, swapper=swapper,
+                      settings=settings, progress=False)
+    times = probe(source).frame_times
+    for name in ("public.mkv", "restored.mkv"):
+        written = probe(tmp_path / name)
+        assert record.frame_count == written.frame_count == 40
+        assert written.frame_times is not None and np.allclose(written.frame_times, times, atol=0.0011)
+        assert [p[1:] for p in _audio_packets(tmp_path / name)] == [p[1:] for p in _audio_packets(source)]
 
 
 def test_frame_times_that_do_not_match_the_frames_written_are_an_error(tmp_path: Path) -> None:
