@@ -19,7 +19,7 @@ from bench.throughput import DEFAULT_CLIP
 from tasks.datapath.encode import ffmpeg_exe
 
 CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(1)
 from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
@@ -32,8 +32,9 @@ record = anonymize_video(sys.argv[1], sys.argv[2], recipients=[authority], video
                          detector=FaceDetector(batch_size=settings.batch_size),
                          swapper=FaceSwapper(load_pipeline_pair(settings.model, None, settings.seal)), settings=settings,
                          run_id="bench", progress=False)
-print(json.dumps({"frames": record.frame_count, "seconds": record.seconds["total"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process's own peak; ru_maxrss would start from the parent's (Linux keeps it across exec).
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"frames": record.frame_count, "seconds": record.seconds["total"], "peak_rss_mb": peak_kb / 1024}))
 """
 
 

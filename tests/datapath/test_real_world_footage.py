@@ -3,7 +3,9 @@ mid-stream. Each clip is made here from the bundled footage with the ffmpeg we s
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,25 @@ def test_the_pyav_path_reports_a_file_that_ends_early(tmp_path: Path, one_keyfra
     with pytest.raises(VideoDecodeError, match="truncated/corrupt"):
         for _ in iter_frames(cut, batch_size=32, via="pyav"):
             pass
+
+
+def test_random_access_reads_do_not_leave_decord_decoding_the_rest_of_the_file(tmp_path: Path) -> None:
+    """The release check reads a sample of frames, then works on them; decord's thread must not
+    use that time to decode the whole file into memory (11.6 GB for a 10 s 4K clip, before)."""
+    clip = tmp_path / "long.mp4"  # 1224 frames of 640x360: 846 MB if all of it were decoded
+    _ffmpeg("-stream_loop", "16", "-i", str(SINGLE_FACE), "-an", "-c:v", "libx264", "-preset", "ultrafast", str(clip))
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak (pytest's, with torch) into a child's ru_maxrss.
+    script = ("import sys, time\n"
+              "from tasks.datapath.decode import iter_frames_at\n"
+              "for _ in iter_frames_at(sys.argv[1], [0, 300, 600, 900, 1200], chunk=1):\n"
+              "    time.sleep(1.0)\n"
+              "print([int(line.split()[1]) // 1024 for line in open('/proc/self/status')\n"
+              "       if line.startswith('VmHWM:')][0])\n")
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", script, str(clip)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": root})
+    peak_mb = int(done.stdout.split()[-1])
+    assert peak_mb < 300, f"peak RSS {peak_mb} MB while reading 5 frames (measured: 71 MB with the flush, 511 without)"
 
 
 @pytest.fixture(scope="module")
