@@ -11,7 +11,6 @@ skipped. Originals are only read.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import socket
@@ -32,13 +31,11 @@ from flows.runtime import (
     ActorPool,
     add_pipeline_arguments,
     clear_attempt,
-    close_stale_runs,
     failure_status,
     format_table,
-    hidden_partials,
-    output_folder_lock,
     public_name,
     publish_summary,
+    run_in_output_folder,
     scan_videos,
     start_ray,
 )
@@ -175,25 +172,10 @@ def anonymize_archive(
                    output_dir=str(out), params_json=json.dumps(params, sort_keys=True),
                    key_id=_fingerprints(recipients),
                    host=socket.gethostname(), status="running")
-    with output_folder_lock(out, "anonymize", run_id):
-        for stale in close_stale_runs(catalog, out):
-            logger.warning("run %s stopped without finishing (killed, or its host died): marked crashed", stale)
-        for partial in hidden_partials(public_root):  # we hold the lock: no writer is alive
-            logger.warning("removing %s, left by a run that died while writing it", partial)
-            partial.unlink(missing_ok=True)
-        catalog.write_part("runs", run_id, "summary", [run_row])
-        try:
-            rows, sources, skipped = _run_jobs(archive, out, catalog, public_root, recipients, settings, run_id,
-                                               started, workers, ray_address, retry_failed, logger)
-        except BaseException as err:  # the row must not stay "running": say how the run ended
-            with contextlib.suppress(OSError):  # a full disk may refuse even this; the next run closes it
-                catalog.write_part("runs", run_id, "summary", [dict(
-                    run_row, finished_at=utc_now(), status="crashed", error=f"{type(err).__name__}: {err}")])
-            raise
-        n_failed = sum(r["status"] in FAILURE_STATUSES for r in rows)
-        catalog.write_part("runs", run_id, "summary", [dict(
-            run_row, finished_at=utc_now(), n_videos=len(sources), n_done=len(rows) - n_failed,
-            n_failed=n_failed, n_skipped=len(skipped), status="failed" if n_failed else "done")])
+    with run_in_output_folder(catalog, out, public_root, run_row, logger) as finish:
+        rows, sources, skipped = _run_jobs(archive, out, catalog, public_root, recipients, settings, run_id,
+                                           started, workers, ray_address, retry_failed, logger)
+        finish(rows, len(sources), len(skipped))
     for row in rows:
         row["name"] = Path(row["source_path"]).name
     rows += [dict(name=s.name, status=f"skipped ({why})") for s, why in skipped]

@@ -12,7 +12,6 @@ against it. `--verify-audit` checks the audit chain instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import socket
@@ -34,12 +33,11 @@ from flows.runtime import (
     FAILURE_STATUSES,
     ActorPool,
     add_pipeline_arguments,
-    close_stale_runs,
     failure_status,
     format_table,
     hidden_partials,
-    output_folder_lock,
     publish_summary,
+    run_in_output_folder,
     scan_videos,
     start_ray,
 )
@@ -137,42 +135,27 @@ def reconstruct_streams(
     run_row = dict(run_id=run_id, flow="reconstruct", started_at=started, input_dir=str(public_root),
                    output_dir=str(out), params_json=json.dumps(asdict(settings), sort_keys=True),
                    key_id=key.fingerprint, host=socket.gethostname(), status="running")
-    with output_folder_lock(out, "reconstruct", run_id):
-        for stale in close_stale_runs(catalog, out):
-            logger.warning("run %s stopped without finishing (killed, or its host died): marked crashed", stale)
-        for partial in hidden_partials(out / "reconstructed"):  # we hold the lock: no writer is alive
-            logger.warning("removing %s, left by a run that died while writing it", partial)
-            partial.unlink(missing_ok=True)
-        catalog.write_part("runs", run_id, "summary", [run_row])
-        try:
-            publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
-            sources = _sources_by_public_path(catalog)
-            logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
-            rows: list[dict[str, Any]] = []
-            if publics:
-                start_ray(ray_address)
-                pool = ActorPool(settings, workers)
-                try:
-                    futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool,
-                                                      key, run_id, str(catalog.root), sources.get(str(p.resolve())))
-                               for p in publics]
-                    for public, future in zip(publics, futures):
-                        try:
-                            rows.append(future.result())
-                        except Exception as err:  # retries exhausted: keep going with the others
-                            rows.append(dict(public_path=str(public), status="interrupted",
-                                             error=f"{type(err).__name__}: {err}"))
-                finally:
-                    pool.shutdown()
-        except BaseException as err:  # the row must not stay "running": say how the run ended
-            with contextlib.suppress(OSError):  # a full disk may refuse even this; the next run closes it
-                catalog.write_part("runs", run_id, "summary", [dict(
-                    run_row, finished_at=utc_now(), status="crashed", error=f"{type(err).__name__}: {err}")])
-            raise
-        n_failed = sum(r["status"] in FAILURE_STATUSES for r in rows)
-        catalog.write_part("runs", run_id, "summary", [dict(
-            run_row, finished_at=utc_now(), n_videos=len(publics), n_done=len(rows) - n_failed,
-            n_failed=n_failed, n_skipped=0, status="failed" if n_failed else "done")])
+    with run_in_output_folder(catalog, out, out / "reconstructed", run_row, logger) as finish:
+        publics = [p for p in scan_videos(public_root, exclude=[out / "reconstructed"]) if p.suffix == ".mkv"]
+        sources = _sources_by_public_path(catalog)
+        logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
+        rows: list[dict[str, Any]] = []
+        if publics:
+            start_ray(ray_address)
+            pool = ActorPool(settings, workers)
+            try:
+                futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool,
+                                                  key, run_id, str(catalog.root), sources.get(str(p.resolve())))
+                           for p in publics]
+                for public, future in zip(publics, futures):
+                    try:
+                        rows.append(future.result())
+                    except Exception as err:  # retries exhausted: keep going with the others
+                        rows.append(dict(public_path=str(public), status="interrupted",
+                                         error=f"{type(err).__name__}: {err}"))
+            finally:
+                pool.shutdown()
+        finish(rows, len(publics), 0)
     for row in rows:
         src = sources.get(str(Path(row["public_path"]).resolve()), {})
         review = src.get("review_frames")

@@ -10,8 +10,8 @@ import os
 import queue
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import ray
 
-from catalogs import CatalogStore
+from catalogs import CatalogStore, utc_now
 from tasks.datapath.decode import VideoDecodeError
 from tasks.datapath.keys import EnvelopeError, KeyFileError, NotARecipientError
 from tasks.datapath.ray_actor import FaceWorker
@@ -102,6 +102,40 @@ def hidden_partials(folder: Path, output: Path | None = None) -> list[Path]:
     if output is not None:
         return [p for p in output.parent.glob(f".*{output.name}.*") if ".partial" in p.name]
     return [p for p in folder.rglob(".*") if p.is_file() and ".partial" in p.name]
+
+
+@contextmanager
+def run_in_output_folder(catalog: CatalogStore, out: Path, outputs: Path, run_row: dict[str, Any],
+                         logger: Any) -> Iterator[Callable[[list[dict[str, Any]], int, int], None]]:
+    """One run's hold on its output folder, for both flows.
+
+    Takes the lock, closes the rows of runs that were killed, removes the hidden partials
+    under `outputs` that dead writers left (no writer is alive: we hold the lock), and writes
+    the `running` row. Yields `finish(rows, n_videos, n_skipped)`, which writes the closing
+    row; if the body raises instead, the row is closed as `crashed` with the error.
+    """
+    run_id = run_row["run_id"]
+    with output_folder_lock(out, run_row["flow"], run_id):
+        for stale in close_stale_runs(catalog, out):
+            logger.warning("run %s stopped without finishing (killed, or its host died): marked crashed", stale)
+        for partial in hidden_partials(outputs):
+            logger.warning("removing %s, left by a run that died while writing it", partial)
+            partial.unlink(missing_ok=True)
+        catalog.write_part("runs", run_id, "summary", [run_row])
+
+        def finish(rows: list[dict[str, Any]], n_videos: int, n_skipped: int) -> None:
+            n_failed = sum(r["status"] in FAILURE_STATUSES for r in rows)
+            catalog.write_part("runs", run_id, "summary", [dict(
+                run_row, finished_at=utc_now(), n_videos=n_videos, n_done=len(rows) - n_failed,
+                n_failed=n_failed, n_skipped=n_skipped, status="failed" if n_failed else "done")])
+
+        try:
+            yield finish
+        except BaseException as err:  # the row must not stay "running": say how the run ended
+            with suppress(OSError):  # a full disk may refuse even this; the next run closes it
+                catalog.write_part("runs", run_id, "summary", [dict(
+                    run_row, finished_at=utc_now(), status="crashed", error=f"{type(err).__name__}: {err}")])
+            raise
 
 
 def clear_attempt(catalog: CatalogStore, run_id: str, video_id: str, output: Path) -> None:
