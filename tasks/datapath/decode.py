@@ -267,6 +267,13 @@ def read_attachment(path: str | Path, mimetype: str, dest: str | Path) -> bool:
     return dest.exists()
 
 
+def _flush(reader: VideoReader) -> None:
+    """Stop decord's decoder thread and drop what it decoded ahead; hand the freed pages back."""
+    reader.seek(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def iter_frames(
     path: str | Path, batch_size: int = 32, start: int = 0, stop: int | None = None, via: str = "auto"
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -317,9 +324,7 @@ def iter_frames(
                 raise VideoDecodeError(
                     f"{path}: truncated/corrupt at frame {first + i} of {total} ({detail})"
                 ) from err
-        reader.seek(0)  # the flush: stops the decoder thread and drops what it decoded ahead
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        _flush(reader)
         yield first, batch
 
 
@@ -403,9 +408,7 @@ def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iter
             raise VideoDecodeError(f"{path}: holds {len(reader)} frames, frames {part} were asked for") from err
         except DECORDError as err:
             raise VideoDecodeError(f"{path}: truncated/corrupt while reading frames {part}") from err
-        reader.seek(0)  # the flush (see iter_frames)
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        _flush(reader)  # see iter_frames
         yield part, batch
 
 
