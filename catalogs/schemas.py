@@ -61,6 +61,7 @@ VIDEOS = pa.schema([
     optional("faces", INT64),  # ROI count over all frames
     optional("sequences", INT32),
     optional("frames_with_faces", INT32),
+    optional("frames_detected", INT32),  # frames the detector ran on (see PipelineSettings.detect_every)
     optional("public_bytes", INT64),  # the whole public file, sealed data included
     optional("sealed_bytes", INT64),
     optional("seal_psnr_db", FLOAT64),  # seal "high": ROI PSNR pooled over the video (>= 42), measured when sealing

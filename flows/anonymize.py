@@ -70,7 +70,7 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
         seconds = record["seconds"]
         row.update({k: record[k] for k in ("width", "height", "frame_count", "fps", "fps_rational",
                                              "audio_streams", "faces", "sequences", "frames_with_faces",
-                                             "output_path", "public_bytes", "sealed_bytes", "seal_psnr_db",
+                                             "frames_detected", "output_path", "public_bytes", "sealed_bytes", "seal_psnr_db",
                                              "seal_min_psnr_db")})
         row.update({f"seconds_{stage}": seconds.get(stage) for stage in
                     ("decode", "detect", "seal", "deidentify", "stego", "encode")})
@@ -138,6 +138,7 @@ def anonymize_archive(
     batch_size: int = PipelineSettings.batch_size,
     min_face_size: int = PipelineSettings.min_face_size,
     max_gap: int = PipelineSettings.max_gap,
+    detect_every: int = PipelineSettings.detect_every,
     workers: int | None = None,
     ray_address: str | None = None,
     device: str = "auto",
@@ -163,7 +164,8 @@ def anonymize_archive(
                        recipients[0].fingerprint, DEFAULT_PUBLIC_KEY)
     logger.info("sealing to %d authority key(s): %s", len(recipients), _fingerprints(recipients))
     settings = PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
-                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap, device=device,
+                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap,
+                                detect_every=detect_every, device=device,
                                 progress_style="bar" if sys.stderr.isatty() else "lines")
     run_id, started = new_run_id(), utc_now()
     params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out),
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face-size", type=int, default=PipelineSettings.min_face_size)
     p.add_argument("--max-gap", type=int, default=PipelineSettings.max_gap,
                    help="detector gaps up to this many frames inside a track are filled")
+    p.add_argument("--detect-every", type=int, default=PipelineSettings.detect_every,
+                   help="run the detector on every Nth frame, and on every frame between two that disagree "
+                   "(1: every frame)")
     p.add_argument("--retry-failed", action="store_true", help="try again videos that failed in earlier runs")
     return p
 

@@ -21,7 +21,7 @@ from catalogs import CatalogStore
 from tasks.datapath import stego
 from tasks.datapath.decode import probe, read_attachment
 from tasks.datapath.deidentify import SMOOTHING_WEIGHT, FaceSwapper, TemporalSmoother
-from tasks.datapath.detect import FaceDetector
+from tasks.datapath.detect import DetectionSchedule, FaceDetector
 from tasks.datapath.encode import ATTACHMENT_MIMETYPE, LOSSLESS_CODECS, attach
 from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, wrap_data_key
 from tasks.datapath.release_check import check_public_stream, listed_rois, payload_rois, sample_frames
@@ -60,6 +60,7 @@ class VideoRecord:
     faces: int = 0
     sequences: int = 0
     frames_with_faces: int = 0
+    frames_detected: int = 0  # frames the detector ran on (the schedule skips agreeing stretches)
     public_format: str = ""
     seal: str = ""
     recipients: list[str] = field(default_factory=list)  # fingerprints of the public keys sealed to
@@ -117,6 +118,7 @@ def anonymize_video(
                          public_format=settings.public_format, seal=settings.seal,
                          recipients=[r.fingerprint for r in recipients])
     tracker = FaceTracker(info.width, info.height, max_gap=settings.max_gap, roi_scale=settings.roi_scale)
+    schedule = DetectionSchedule(detector, every=settings.detect_every)
     data_key = data_key or DataKey.generate()
     envelope = wrap_data_key(data_key, recipients, video_id)
     payload_key = data_key.payload_key()
@@ -178,13 +180,14 @@ def anonymize_video(
             with writer_for(video_part, info, source, settings.public_format) as writer:
                 for first, batch in timed_batches(source, settings.batch_size, timer):
                     with timer.stage("detect"):
-                        detections = detector.detect(batch)
+                        detections = schedule.detect(batch)
                     for i, dets in enumerate(detections):
                         tracker.update(first + i, dets)
                         pending[first + i] = batch[i]
                     emit(tracker.pop_ready())
                 emit(tracker.finish())
                 record.frame_count = writer.frames_written
+                record.frames_detected = schedule.frames_detected
             with timer.stage("seal"):
                 stats = sealer.close()
         except BaseException:

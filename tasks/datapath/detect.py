@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import cv2
 import joblib
 import numpy as np
 import torch
 
-from models.mtcnn import MTCNN
+from models.mtcnn import MTCNN, area_pyramid
 
 
 def mtcnn_weights_dir() -> Path:
@@ -24,12 +25,30 @@ def mtcnn_weights_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "assets" / "weights"
 
 
+def opencv_area_pyramid(frames: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """`models.mtcnn.area_pyramid` on CPU through OpenCV's INTER_AREA on float frames: 3x faster
+    here (11 against 37 ms for a 640x360 frame's nine levels) and within 0.01 of 255 of
+    TensorFlow's ResizeArea (float cell borders both; OpenCV's in double).
+
+    Returns (N, 3, h, w) views of channels-last arrays, the layout P-Net runs fastest on.
+    """
+    images = frames.numpy().astype(np.float32)
+    levels = []
+    for h, w in sizes:
+        resized = np.stack([cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA) for image in images])
+        levels.append(torch.from_numpy(resized).permute(0, 3, 1, 2))
+    return levels
+
+
 def load_mtcnn(device: str | torch.device = "cpu", **detector_kwargs) -> MTCNN:
-    """An MTCNN in eval mode on `device`, loaded with the package's weights.
+    """An MTCNN in eval mode on `device`, loaded with the package's weights; on CPU its pyramid
+    is built by OpenCV (`opencv_area_pyramid`), on a GPU by torch.
 
     The .lz4 files are joblib pickles: load only the installed package's own.
     """
     folder = mtcnn_weights_dir()
+    device = torch.device(device)
+    detector_kwargs.setdefault("pyramid", opencv_area_pyramid if device.type == "cpu" else area_pyramid)
     model = MTCNN(**detector_kwargs)
     model.load_keras_arrays(*(joblib.load(folder / f"{name}.lz4") for name in ("pnet", "rnet", "onet")))
     return model.eval().to(device)
@@ -59,3 +78,77 @@ class FaceDetector:
             for boxes in self.model.detect(batch.to(self.device)):
                 results.append(boxes.cpu().numpy().astype(np.float32, copy=False))
         return results
+
+
+def boxes_agree(a: np.ndarray, b: np.ndarray, min_iou: float = 0.5) -> bool:
+    """Whether two frames' face boxes pair up one to one, each pair overlapping by IoU >= `min_iou`.
+
+    Greedy on the best overlaps first; (K, 4+) arrays x1, y1, x2, y2 (anything after is ignored).
+    """
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 5)[:, :4], np.asarray(b, dtype=np.float64).reshape(-1, 5)[:, :4]
+    if len(a) != len(b):
+        return False
+    if len(a) == 0:
+        return True
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    overlap = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+    for _ in range(len(a)):
+        i, j = np.unravel_index(np.argmax(overlap), overlap.shape)
+        if overlap[i, j] < min_iou:
+            return False
+        overlap[i, :], overlap[:, j] = -1.0, -1.0
+    return True
+
+
+class DetectionSchedule:
+    """Full detection on every `every`-th frame, and on the frames between two of those when they disagree.
+
+    Per batch the detector runs on frames every-1, 2*every-1, ... and on the batch's last frame
+    (so an interval never spans two batches: the previous batch's last frame, already detected,
+    opens the first one). Where the two detected frames that close an interval agree (the same
+    faces, each pair of boxes at IoU >= `min_iou`: `boxes_agree`), the frames between get no
+    detections and the tracker fills them by linear interpolation between the two, which
+    `max_gap` >= every - 1 guarantees. Where they disagree (a face appeared, left, was missed
+    or moved fast) every frame between is detected as well, so a face that enters between two
+    detected frames is found from its first frame, not from the next detected one. What this
+    can miss: a face that enters and leaves entirely between two detected frames (under
+    `every` frames, a tenth of a second at the default); the release check is the backstop.
+    Before the first frame of a video there are no faces, so a face present from the start
+    has its first interval detected in full.
+    """
+
+    def __init__(self, detector: FaceDetector, every: int = 1, min_iou: float = 0.5) -> None:
+        if every < 1:
+            raise ValueError(f"detect every must be >= 1 frame, got {every}")
+        self.detector, self.every, self.min_iou = detector, every, min_iou
+        self._last = np.zeros((0, 5), dtype=np.float32)  # the last detected frame's boxes
+        self.frames_detected = 0  # counted over the video: how much detection the schedule saved
+        self.frames_seen = 0
+
+    def detect(self, frames: np.ndarray) -> list[np.ndarray]:
+        """Per frame of the batch a float32 (K, 5) array as `FaceDetector.detect`; empty on a skipped frame."""
+        n = len(frames)
+        self.frames_seen += n
+        if n == 0:
+            return []
+        if self.every == 1:
+            self.frames_detected += n
+            return self.detector.detect(frames)
+        anchors = sorted({*range(self.every - 1, n, self.every), n - 1})
+        found = dict(zip(anchors, self.detector.detect(frames[anchors])))
+        between: list[int] = []
+        previous_index, previous = -1, self._last
+        for index in anchors:
+            if not boxes_agree(previous, found[index], self.min_iou):
+                between.extend(range(previous_index + 1, index))
+            previous_index, previous = index, found[index]
+        if between:
+            found.update(zip(between, self.detector.detect(frames[between])))
+        self.frames_detected += len(anchors) + len(between)
+        self._last = found[n - 1]
+        empty = np.zeros((0, 5), dtype=np.float32)
+        return [found.get(i, empty) for i in range(n)]

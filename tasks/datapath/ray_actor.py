@@ -42,7 +42,12 @@ class FaceWorkerImpl:
 
         self.settings = settings
         if settings.torch_threads > 0:
+            import cv2
+
             torch.set_num_threads(settings.torch_threads)
+            # OpenCV (the detector's pyramid, YuNet, SFace) would otherwise start a thread per core
+            # in every actor, and the actors already share the cores between them.
+            cv2.setNumThreads(settings.torch_threads)
         self.device = _pick_device(settings.device)
         self.pair = load_pipeline_pair(settings.model, settings.weights, settings.seal, self.device)
         self.swapper = FaceSwapper(self.pair)

@@ -37,6 +37,9 @@ class PipelineSettings:
     batch_size: int = 16
     min_face_size: int = 20
     max_gap: int = 8
+    # Full detection on every 4th frame, and on the frames between where two of those disagree
+    # (tasks/datapath/detect.py, DetectionSchedule); 1 detects every frame. At most max_gap + 1.
+    detect_every: int = 4
     roi_scale: float = 1.3
     device: str = "auto"  # "auto": CUDA when this worker was given a GPU, CPU otherwise
     torch_threads: int = 0  # 0: leave torch's default
@@ -44,6 +47,12 @@ class PipelineSettings:
     # "bar" in a terminal; "lines" (a plain line every few seconds) where the log is a file. The
     # flows choose by whether their own stderr is a terminal: an actor's never is.
     progress_style: str = "bar"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.detect_every <= self.max_gap + 1:
+            # The tracker fills only gaps up to max_gap: a longer stride would leave frames unhidden.
+            raise ValueError(f"detect_every must be between 1 and max_gap + 1 = {self.max_gap + 1}, "
+                             f"got {self.detect_every}")
 
 
 class Timer:

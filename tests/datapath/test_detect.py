@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from models.mtcnn import area_pyramid, grouped_nms
-from tasks.datapath.detect import FaceDetector
+from tasks.datapath.detect import DetectionSchedule, FaceDetector, boxes_agree, opencv_area_pyramid
 
 ROOT = Path(__file__).resolve().parents[2]
 ASTRONAUT = ROOT / "tests" / "data" / "astronaut.png"
@@ -115,6 +115,16 @@ def test_pyramid_resize_is_tensorflow_area(size):
     np.testing.assert_allclose(level[0].permute(1, 2, 0).numpy(), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("size", [(26, 37), (12, 13), (29, 41)])
+def test_the_opencv_pyramid_the_cpu_detector_uses_is_tensorflow_area_too(size):
+    image = np.random.default_rng(1).integers(0, 256, (2, 37, 53, 3), dtype=np.uint8)
+    (level,) = opencv_area_pyramid(torch.from_numpy(image), [size])
+    assert level.shape == (2, 3, *size)
+    for frame, resized in zip(image, level):
+        expected = _tensorflow_resize_area(frame.astype(np.float32), *size)
+        np.testing.assert_allclose(resized.permute(1, 2, 0).numpy(), expected, atol=1e-2)
+
+
 def test_nms_drops_boxes_overlapping_any_better_box_even_a_dropped_one():
     # A overlaps B, B overlaps C, A and C are apart. Greedy NMS would keep C;
     # the reference compares C with every better box, so C goes too.
@@ -124,3 +134,104 @@ def test_nms_drops_boxes_overlapping_any_better_box_even_a_dropped_one():
     groups = torch.tensor([0, 0, 0, 1])  # the last box is alone in its group
     kept = grouped_nms(boxes, scores, groups, threshold=0.5).tolist()
     assert kept == [0, 3]
+
+
+def _box(x, y, side, score=0.99):
+    return [x, y, x + side, y + side, score]
+
+
+def test_boxes_agree_pairs_faces_one_to_one_by_iou():
+    a = np.array([_box(0, 0, 100), _box(300, 0, 50)], np.float32)
+    assert boxes_agree(a, a[::-1])  # order does not matter
+    assert boxes_agree(a, a + [10, 0, 10, 0, 0])  # IoU 90/110 = 0.82
+    assert not boxes_agree(a, a + [40, 0, 40, 0, 0])  # IoU 60/140 = 0.43 for the big one
+    assert not boxes_agree(a, a[:1])  # a face left
+    assert not boxes_agree(np.zeros((0, 5)), a[:1])  # a face came
+    assert boxes_agree(np.zeros((0, 5)), np.zeros((0, 5)))
+    # Two boxes near one: the second has no partner of its own.
+    assert not boxes_agree(np.array([_box(0, 0, 100), _box(5, 0, 100)]), np.array([_box(0, 0, 100), _box(300, 0, 50)]))
+
+
+class _ScriptedDetector:
+    """Boxes by frame content: a frame whose pixel [0, 0, 0] is v > 0 holds one face at x = v."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def detect(self, frames):
+        out = []
+        for frame in frames:
+            value = int(frame[0, 0, 0])
+            self.calls.append(int(frame[0, 0, 1]))  # the frame's index, written by the test
+            out.append(np.array([_box(value, 20, 40)], np.float32) if value else np.zeros((0, 5), np.float32))
+        return out
+
+
+def _frames(face_x: list[int], first: int = 0) -> np.ndarray:
+    frames = np.zeros((len(face_x), 4, 4, 3), np.uint8)
+    frames[:, 0, 0, 0] = face_x
+    frames[:, 0, 0, 1] = np.arange(first, first + len(face_x))
+    return frames
+
+
+def test_schedule_detects_every_nth_frame_while_the_faces_agree():
+    scripted = _ScriptedDetector()
+    schedule = DetectionSchedule(scripted, every=4)
+    # No face in the first batch, then a steady face from frame 8 on.
+    schedule.detect(_frames([0] * 8))
+    assert scripted.calls == [3, 7]
+    found = schedule.detect(_frames([50] * 8, first=8))
+    # 8..10 lie between frame 7 (no face) and 11 (a face): detected in full; 12..14 agree, skipped.
+    assert scripted.calls == [3, 7, 11, 15, 8, 9, 10]
+    assert [len(f) for f in found] == [1, 1, 1, 1, 0, 0, 0, 1]
+    assert schedule.frames_detected == 7 and schedule.frames_seen == 16
+
+
+def test_schedule_detects_the_frames_between_two_that_disagree_across_a_batch_border():
+    scripted = _ScriptedDetector()
+    schedule = DetectionSchedule(scripted, every=4)
+    schedule.detect(_frames([50] * 6))  # a face from the first frame: 0..2 are detected too
+    assert scripted.calls == [3, 5, 0, 1, 2]
+    scripted.calls.clear()
+    # The face jumps by 30 px (IoU 10/70) at frame 8: frames 6 and 7 (after the batch's last detected
+    # frame, 5) are detected as well. A batch shorter than `every` is detected at its last frame.
+    found = schedule.detect(_frames([50, 50, 80], first=6))
+    assert scripted.calls == [8, 6, 7]
+    assert [f[0, 0] for f in found] == [50, 50, 80]
+
+
+def test_every_one_is_plain_detection():
+    scripted = _ScriptedDetector()
+    schedule = DetectionSchedule(scripted, every=1)
+    schedule.detect(_frames([0, 50, 50]))
+    assert scripted.calls == [0, 1, 2]
+    with pytest.raises(ValueError):
+        DetectionSchedule(scripted, every=0)
+
+
+def test_a_detect_stride_the_tracker_cannot_bridge_is_refused():
+    from tasks.datapath.video_loop import PipelineSettings
+
+    assert PipelineSettings(max_gap=3, detect_every=4).detect_every == 4
+    with pytest.raises(ValueError, match="detect_every"):
+        PipelineSettings(max_gap=2, detect_every=4)
+
+
+def test_a_face_entering_between_two_detected_frames_is_hidden_from_its_first_frame(detector):
+    from tasks.datapath.track import FaceTracker
+
+    # Real footage: five frames without anyone (the face blacked out), then the woman from frame 5,
+    # between the detected frames 3 and 7 of a stride of 4.
+    frames = decord.VideoReader(str(WOLFGANG)).get_batch(list(range(100, 116))).asnumpy()
+    frames[:5] = 0
+    schedule = DetectionSchedule(detector, every=4)
+    tracker = FaceTracker(frames.shape[2], frames.shape[1], max_gap=8)
+    for i, faces in enumerate(schedule.detect(frames)):
+        tracker.update(i, faces)
+    rois = dict(tracker.finish())
+    assert [bool(rois[f]) for f in range(5)] == [False] * 5
+    assert all(rois[f] for f in range(5, 16))
+    # Detected: the anchors 3, 7, 11, 15 and, between 3 and 7, the frames 4, 5, 6; where 7, 11
+    # and 15 agree, the frames between are bridged by the tracker.
+    assert schedule.frames_detected == 7
+    assert all(rois[f][0].interpolated for f in (8, 9, 10, 12, 13, 14))
