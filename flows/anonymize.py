@@ -35,9 +35,10 @@ from flows.runtime import (
     format_table,
     public_name,
     publish_summary,
+    prestart_pool,
     run_in_output_folder,
     scan_videos,
-    start_ray,
+    worker_pool,
 )
 from tasks.datapath.encode import VIDEO_FORMATS
 from tasks.datapath.keys import (
@@ -126,6 +127,15 @@ def _fingerprints(keys: list[AuthorityPublicKey]) -> str:
     return ",".join(k.fingerprint for k in keys)
 
 
+def pipeline_settings(model: str, weights: str | None, public_format: str, seal: str, batch_size: int,
+                      min_face_size: int, max_gap: int, detect_every: int, device: str) -> PipelineSettings:
+    """The actors' settings from the flow's parameters (also used to start them before the flow)."""
+    return PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
+                            batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap,
+                            detect_every=detect_every, device=device,
+                            progress_style="bar" if sys.stderr.isatty() else "lines")
+
+
 @flow(name="anonymize-archive", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def anonymize_archive(
     archive_dir: str,
@@ -163,10 +173,8 @@ def anonymize_archive(
                        "to it, and without it none can be reversed", DEFAULT_PRIVATE_KEY,
                        recipients[0].fingerprint, DEFAULT_PUBLIC_KEY)
     logger.info("sealing to %d authority key(s): %s", len(recipients), _fingerprints(recipients))
-    settings = PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
-                                batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap,
-                                detect_every=detect_every, device=device,
-                                progress_style="bar" if sys.stderr.isatty() else "lines")
+    settings = pipeline_settings(model, weights, public_format, seal, batch_size, min_face_size, max_gap,
+                                 detect_every, device)
     run_id, started = new_run_id(), utc_now()
     params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out),
                   public_keys=[str(k.path) for k in recipients])
@@ -205,8 +213,7 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
 
     rows: list[dict[str, Any]] = []
     if jobs:
-        start_ray(ray_address)
-        pool = ActorPool(settings, workers)
+        pool = worker_pool(settings, workers, ray_address)
         logger.info("workers: %s", pool.describe())
         try:
             futures = [anonymize_one.submit(src, dst, vid, pool, recipients, run_id,
@@ -259,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        settings = pipeline_settings(args["model"], args["weights"], args["public_format"], args["seal"],
+                                     args["batch_size"], args["min_face_size"], args["max_gap"],
+                                     args["detect_every"], args["device"])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if Path(args["archive_dir"]).is_dir():
+        # Ray and the actors start while Prefect starts its server (the flow takes the pool).
+        prestart_pool(settings, args["workers"], args["ray_address"])
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} video{'' if len(rows) == 1 else 's'} in {time.perf_counter() - start:.1f} s "

@@ -36,10 +36,11 @@ from flows.runtime import (
     failure_status,
     format_table,
     hidden_partials,
+    prestart_pool,
     publish_summary,
     run_in_output_folder,
     scan_videos,
-    start_ray,
+    worker_pool,
 )
 from tasks.datapath.encode import LOSSLESS_CODECS
 from tasks.datapath.keys import DEFAULT_PRIVATE_KEY, AuthorityPrivateKey, KeyFileError, load_private_key
@@ -107,6 +108,13 @@ def reconstruct_one(public: Path, output: Path, pool: ActorPool, private_key: Au
     return row
 
 
+def pipeline_settings(model: str, weights: str | None, restore_format: str, batch_size: int,
+                      device: str) -> PipelineSettings:
+    """The actors' settings from the flow's parameters (also used to start them before the flow)."""
+    return PipelineSettings(model=model, weights=weights, restore_format=restore_format, batch_size=batch_size,
+                            device=device, progress_style="bar" if sys.stderr.isatty() else "lines")
+
+
 @flow(name="reconstruct-public-streams", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def reconstruct_streams(
     public_dir: str,
@@ -128,9 +136,7 @@ def reconstruct_streams(
         raise FileNotFoundError(f"public stream folder not found: {public_root}")
     key = load_private_key(private_key or DEFAULT_PRIVATE_KEY)  # never created here: a new key restores nothing
     catalog = CatalogStore(out / "catalogs")
-    settings = PipelineSettings(model=model, weights=weights, restore_format=restore_format,
-                                batch_size=batch_size, device=device,
-                                progress_style="bar" if sys.stderr.isatty() else "lines")
+    settings = pipeline_settings(model, weights, restore_format, batch_size, device)
     run_id, started = new_run_id(), utc_now()
     run_row = dict(run_id=run_id, flow="reconstruct", started_at=started, input_dir=str(public_root),
                    output_dir=str(out), params_json=json.dumps(asdict(settings), sort_keys=True),
@@ -141,8 +147,7 @@ def reconstruct_streams(
         logger.info("%d public streams to reconstruct (run %s)", len(publics), run_id)
         rows: list[dict[str, Any]] = []
         if publics:
-            start_ray(ray_address)
-            pool = ActorPool(settings, workers)
+            pool = worker_pool(settings, workers, ray_address)
             try:
                 futures = [reconstruct_one.submit(p, out / "reconstructed" / p.relative_to(public_root), pool,
                                                   key, run_id, str(catalog.root), sources.get(str(p.resolve())))
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if Path(args["public_dir"]).is_dir():
+        # Ray and the actors start while Prefect starts its server (the flow takes the pool).
+        prestart_pool(pipeline_settings(args["model"], args["weights"], args["restore_format"], args["batch_size"],
+                                        args["device"]), args["workers"], args["ray_address"])
     rows = reconstruct_streams(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")

@@ -20,6 +20,8 @@ what the public stream shows where it did replace a face.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,10 @@ def run_split(rows: pd.DataFrame, work_dir: Path, *, key: DataKey, wrong_key: Da
     follows `settings.seal`: `none` measures the paper's learned U_d.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Each face is one still, alone between blank frames: not video, where faces last. The
+    # detection schedule would skip most of them (agreeing blank frames on both sides), and
+    # what is measured here is the face pair on every face, so the detector sees every frame.
+    settings = dataclasses.replace(settings, detect_every=1)
     images = load_face_images(rows)
     seq_keys = (rows["dataset"].astype(str) + "/" + rows["sequence_id"].astype(str)).to_numpy()
     source = work_dir / "gallery.mkv"

@@ -120,7 +120,7 @@ def test_the_videos_row_carries_the_review_and_the_catalog_keeps_it(tmp_path):
     source = tmp_path / "cam.mp4"
     source.write_bytes(b"x")
     record = dict(width=640, height=360, frame_count=24, fps=24.0, fps_rational="24/1", audio_streams=0,
-                  faces=24, sequences=1, frames_with_faces=24, output_path="out.mkv", public_bytes=10,
+                  faces=24, sequences=1, frames_with_faces=24, frames_detected=9, output_path="out.mkv", public_bytes=10,
                   sealed_bytes=4, seal_psnr_db=42.3, seal_min_psnr_db=41.9,
                   seconds={"total": 2.0}, needs_review=True, review_frames=[5, 17],
                   review_reason="identity still recognisable at frames 5,17")
@@ -133,4 +133,4 @@ def test_the_videos_row_carries_the_review_and_the_catalog_keeps_it(tmp_path):
         "needs_review", "5,17", "identity still recognisable at frames 5,17")
     assert (back["public_format"], back["seal"], back["recipients"], back["sealed_bytes"]) == (
         "h264", "high", "0" * 16, 4)
-    assert (back["seal_psnr_db"], back["seal_min_psnr_db"]) == (42.3, 41.9)
+    assert (back["seal_psnr_db"], back["seal_min_psnr_db"], back["frames_detected"]) == (42.3, 41.9, 9)

@@ -141,3 +141,26 @@ def test_a_public_key_given_as_the_private_key_is_refused_before_any_work(first_
         reconstruct_streams(str(first_run["out"] / "public"), str(tmp_path), private_key=str(first_run["public_key"]),
                             model="keyed-permutation", workers=1)
     assert not (tmp_path / "catalogs").exists()
+
+
+def test_the_pool_started_before_the_flow_is_the_one_the_flow_takes(ray_session):
+    from flows import runtime
+    from tasks.datapath.video_loop import PipelineSettings
+
+    settings = PipelineSettings(model="keyed-permutation")
+    runtime.prestart_pool(settings, 1)
+    (thread, result), = runtime._prestarted.values()
+    pool = runtime.worker_pool(settings, 1)
+    try:
+        assert pool is result[0] and not thread.is_alive() and not runtime._prestarted
+        assert pool.size == 1 and len(pool.describe()) == 1
+    finally:
+        pool.shutdown()
+    # Started for other settings (a flow called with other parameters): not handed out.
+    runtime.prestart_pool(settings, 1)
+    (_, result), = runtime._prestarted.values()
+    other = runtime.worker_pool(PipelineSettings(model="keyed-permutation", batch_size=8), 1)
+    try:
+        assert other is not result[0] and other.settings.batch_size == 8 and not runtime._prestarted
+    finally:
+        other.shutdown()
