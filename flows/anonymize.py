@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["archive_dir"]).is_dir():
-        # Ray and the actors start while Prefect starts its server (the flow takes the pool).
+        # The actors load their models while Prefect starts its server (the flow takes the pool).
         prestart_pool(settings, args["workers"], args["ray_address"])
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["public_dir"]).is_dir():
-        # Ray and the actors start while Prefect starts its server (the flow takes the pool).
+        # The actors load their models while Prefect starts its server (the flow takes the pool).
         prestart_pool(pipeline_settings(args["model"], args["weights"], args["restore_format"], args["batch_size"],
                                         args["device"]), args["workers"], args["ray_address"])
     rows = reconstruct_streams(**args)

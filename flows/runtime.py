@@ -10,7 +10,6 @@ import os
 import queue
 import socket
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -179,48 +178,31 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> dict[str, flo
     return ray.cluster_resources()
 
 
-_prestarted: dict[tuple[PipelineSettings, int | None, str | None], tuple[threading.Thread, list]] = {}
-
-
-def _start_pool(settings: PipelineSettings, workers: int | None, ray_address: str | None) -> ActorPool:
-    start_ray(ray_address)
-    pool = ActorPool(settings, workers)
-    pool.describe()  # returns once every actor has loaded its models
-    return pool
+_prestarted: dict[tuple[PipelineSettings, int | None, str | None], ActorPool] = {}
 
 
 def prestart_pool(settings: PipelineSettings, workers: int | None = None, ray_address: str | None = None) -> None:
-    """Start Ray and the actors on a background thread now, for `worker_pool` to take later.
+    """Start Ray and ask for the actors now, for `worker_pool` to take later.
 
-    A command-line run calls this before its flow starts: Prefect's temporary server (about
-    14 s here) and Ray with actors loading their models (about 12 s) then start side by
-    side instead of one after the other.
+    A command-line run calls this before its flow starts: the actors then load their models
+    (torch, MTCNN, the face pair: most of Ray's start-up here) while Prefect starts its
+    temporary server, instead of after it. Ray itself is started on this, the main, thread:
+    its processes die with the thread that started them (PR_SET_PDEATHSIG), so a helper
+    thread that ended would take Ray down with it.
     """
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(_start_pool(settings, workers, ray_address))
-        except BaseException as err:  # noqa: BLE001 (handed to whoever takes the pool)
-            result.append(err)
-
-    thread = threading.Thread(target=run, name="prestart-ray-pool", daemon=True)
-    thread.start()
-    _prestarted[(settings, workers, ray_address)] = (thread, result)
+    start_ray(ray_address)
+    _prestarted[(settings, workers, ray_address)] = ActorPool(settings, workers)  # returns before they load
 
 
 def worker_pool(settings: PipelineSettings, workers: int | None = None, ray_address: str | None = None) -> ActorPool:
     """The pool `prestart_pool` started for these arguments, or a new one (Ray started if needed)."""
-    for key in list(_prestarted):
-        thread, result = _prestarted.pop(key)
-        thread.join()
-        if key == (settings, workers, ray_address):
-            if isinstance(result[0], BaseException):
-                raise result[0]
-            return result[0]
-        if isinstance(result[0], ActorPool):  # started for other settings: not this run's
-            result[0].shutdown()
-    return _start_pool(settings, workers, ray_address)
+    pool = _prestarted.pop((settings, workers, ray_address), None)
+    for other in list(_prestarted):  # started for other settings: not this run's
+        _prestarted.pop(other).shutdown()
+    if pool is None:
+        start_ray(ray_address)
+        pool = ActorPool(settings, workers)
+    return pool
 
 
 class ActorPool:

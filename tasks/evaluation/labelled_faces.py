@@ -21,7 +21,6 @@ what the public stream shows where it did replace a face.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path

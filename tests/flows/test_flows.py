@@ -149,18 +149,19 @@ def test_the_pool_started_before_the_flow_is_the_one_the_flow_takes(ray_session)
 
     settings = PipelineSettings(model="keyed-permutation")
     runtime.prestart_pool(settings, 1)
-    (thread, result), = runtime._prestarted.values()
+    (prestarted,) = runtime._prestarted.values()
     pool = runtime.worker_pool(settings, 1)
     try:
-        assert pool is result[0] and not thread.is_alive() and not runtime._prestarted
+        assert pool is prestarted and not runtime._prestarted
         assert pool.size == 1 and len(pool.describe()) == 1
     finally:
         pool.shutdown()
     # Started for other settings (a flow called with other parameters): not handed out.
     runtime.prestart_pool(settings, 1)
-    (_, result), = runtime._prestarted.values()
+    (prestarted,) = runtime._prestarted.values()
     other = runtime.worker_pool(PipelineSettings(model="keyed-permutation", batch_size=8), 1)
     try:
-        assert other is not result[0] and other.settings.batch_size == 8 and not runtime._prestarted
+        assert other is not prestarted and other.settings.batch_size == 8 and not runtime._prestarted
+        assert len(other.describe()) == 1
     finally:
         other.shutdown()
