@@ -50,6 +50,7 @@ from tasks.datapath.keys import (
     public_keys_for_anonymize,
 )
 from tasks.datapath.seal import QUALITIES
+from tasks.datapath.segments import anonymize_split, split_plan
 from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frame_count", "frames"), ("faces", "faces"),
@@ -86,7 +87,7 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
 @task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
 def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, recipients: list[AuthorityPublicKey],
                   run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
-    """One video on one actor. A failure inside the video's own work is recorded here, as `failed`
+    """One video on one actor, or split across them when it is long (tasks/datapath/segments.py). A failure inside the video's own work is recorded here, as `failed`
     when the input is at fault and `interrupted` otherwise (see flows.runtime.failure_status); only
     a dead actor raises, so Prefect retries the video on a fresh one."""
     logger = get_run_logger()
@@ -95,22 +96,30 @@ def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, re
     fingerprints = _fingerprints(recipients)
     clear_attempt(catalog, run_id, video_id, output)  # what an earlier attempt left, if one died
     try:
-        with pool.acquire() as actor:
-            record = ray.get(actor.anonymize.remote(str(source), str(output), recipients, video_id,
-                                                     run_id, catalog_root))
-    except ray.exceptions.RayTaskError as err:
-        cause = err.cause if getattr(err, "cause", None) is not None else err
+        segments = split_plan(source, pool.size, pool.settings)
+        if len(segments) > 1:
+            logger.info("%s: %d segments (from frames %s), run on %d workers at once", source.name, len(segments),
+                        ", ".join(str(s.start) for s in segments), pool.size)
+            record = anonymize_split(source, output, segments, pool.call, pool.size, recipients=recipients,
+                                     video_id=video_id, settings=pool.settings, run_id=run_id,
+                                     catalog=catalog).as_dict()
+        else:
+            with pool.acquire() as actor:
+                record = ray.get(actor.anonymize.remote(str(source), str(output), recipients, video_id,
+                                                         run_id, catalog_root))
+    except ray.exceptions.RayActorError as err:
+        logger.warning("%s: the worker died mid-video (%s); its partial output is removed and the video "
+                       "retried on a fresh worker", source.name, str(err).splitlines()[0] if str(err) else err)
+        clear_attempt(catalog, run_id, video_id, output)
+        raise
+    except Exception as err:  # the video's own work failed (on a worker, or joining a split video's parts)
+        cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None else err
         message = f"{type(cause).__name__}: {cause}"
         status = failure_status(cause)
         logger.error("%s %s: %s", source, "failed" if status == "failed" else
                      "interrupted (tried again by the next run)", message)
         clear_attempt(catalog, run_id, video_id, output)
         row = _video_row(run_id, source, video_id, settings, fingerprints, started, status, error=message)
-    except ray.exceptions.RayActorError as err:
-        logger.warning("%s: the worker died mid-video (%s); its partial output is removed and the video "
-                       "retried on a fresh worker", source.name, str(err).splitlines()[0] if str(err) else err)
-        clear_attempt(catalog, run_id, video_id, output)
-        raise
     else:
         status = "needs_review" if record["needs_review"] else "done"
         row = _video_row(run_id, source, video_id, settings, fingerprints, started, status, record)
@@ -128,11 +137,12 @@ def _fingerprints(keys: list[AuthorityPublicKey]) -> str:
 
 
 def pipeline_settings(model: str, weights: str | None, public_format: str, seal: str, batch_size: int,
-                      min_face_size: int, max_gap: int, detect_every: int, device: str) -> PipelineSettings:
+                      min_face_size: int, max_gap: int, detect_every: int, segment_frames: int,
+                      device: str) -> PipelineSettings:
     """The actors' settings from the flow's parameters (also used to start them before the flow)."""
     return PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
                             batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap,
-                            detect_every=detect_every, device=device,
+                            detect_every=detect_every, segment_frames=segment_frames, device=device,
                             progress_style="bar" if sys.stderr.isatty() else "lines")
 
 
@@ -149,6 +159,7 @@ def anonymize_archive(
     min_face_size: int = PipelineSettings.min_face_size,
     max_gap: int = PipelineSettings.max_gap,
     detect_every: int = PipelineSettings.detect_every,
+    segment_frames: int = PipelineSettings.segment_frames,
     workers: int | None = None,
     ray_address: str | None = None,
     device: str = "auto",
@@ -174,7 +185,7 @@ def anonymize_archive(
                        recipients[0].fingerprint, DEFAULT_PUBLIC_KEY)
     logger.info("sealing to %d authority key(s): %s", len(recipients), _fingerprints(recipients))
     settings = pipeline_settings(model, weights, public_format, seal, batch_size, min_face_size, max_gap,
-                                 detect_every, device)
+                                 detect_every, segment_frames, device)
     run_id, started = new_run_id(), utc_now()
     params = dict(asdict(settings), archive_dir=str(archive), out_dir=str(out),
                   public_keys=[str(k.path) for k in recipients])
@@ -253,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-every", type=int, default=PipelineSettings.detect_every,
                    help="run the detector on every Nth frame, and on every frame between two that disagree "
                    "(1: every frame)")
+    p.add_argument("--segment-frames", type=int, default=PipelineSettings.segment_frames,
+                   help="split a video of at least twice this many frames at keyframes into segments of at least "
+                   "this many, run on several workers at once (0: one worker per video)")
     p.add_argument("--retry-failed", action="store_true", help="try again videos that failed in earlier runs")
     return p
 
@@ -269,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = pipeline_settings(args["model"], args["weights"], args["public_format"], args["seal"],
                                      args["batch_size"], args["min_face_size"], args["max_gap"],
-                                     args["detect_every"], args["device"])
+                                     args["detect_every"], args["segment_frames"], args["device"])
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

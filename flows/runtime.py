@@ -255,6 +255,11 @@ class ActorPool:
         finally:
             self._free.put(actor)
 
+    def call(self, method: str, *args: Any) -> Any:
+        """`method` of a free actor with `args`, its result once done (blocking; thread-safe)."""
+        with self.acquire() as actor:
+            return ray.get(getattr(actor, method).remote(*args))
+
     def shutdown(self) -> None:
         while not self._free.empty():
             ray.kill(self._free.get())

@@ -22,11 +22,17 @@ from tasks.datapath import stego
 from tasks.datapath.decode import probe, read_attachment
 from tasks.datapath.deidentify import SMOOTHING_WEIGHT, FaceSwapper, TemporalSmoother
 from tasks.datapath.detect import DetectionSchedule, FaceDetector
-from tasks.datapath.encode import ATTACHMENT_MIMETYPE, LOSSLESS_CODECS, attach
-from tasks.datapath.keys import AuthorityPublicKey, DataKey, envelope_to_bytes, wrap_data_key
-from tasks.datapath.release_check import check_public_stream, listed_rois, payload_rois, sample_frames
-from tasks.datapath.seal import SealedVideo, SealWriter
-from tasks.datapath.track import FaceTracker, Roi
+from tasks.datapath.encode import ATTACHMENT_MIMETYPE, LOSSLESS_CODECS, VideoWriter, attach
+from tasks.datapath.keys import AuthorityPublicKey, DataKey, WrappedKey, envelope_to_bytes, wrap_data_key
+from tasks.datapath.release_check import (
+    ReleaseVerdict,
+    check_public_stream,
+    listed_rois,
+    payload_rois,
+    sample_frames,
+)
+from tasks.datapath.seal import SealedVideo, SealStats, SealWriter
+from tasks.datapath.track import FaceTracker, Roi, SequenceStats
 from tasks.datapath.video_loop import (
     PipelineSettings,
     Timer,
@@ -78,6 +84,12 @@ class VideoRecord:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def take_verdict(self, verdict: ReleaseVerdict) -> None:
+        self.frames_checked = len(verdict.checked_frames)
+        self.needs_review = verdict.needs_review
+        self.review_frames = verdict.review_frames
+        self.review_reason = verdict.reason or None
+
 
 def _roi_rows(run_id: str, video_id: str, rois: Iterable[Roi]) -> list[dict[str, Any]]:
     return [
@@ -85,6 +97,113 @@ def _roi_rows(run_id: str, video_id: str, rois: Iterable[Roi]) -> list[dict[str,
              x=r.x, y=r.y, w=r.w, h=r.h, score=r.score, interpolated=r.interpolated)
         for r in rois
     ]
+
+
+class PublicSink:
+    """The public stream's back half for a run of frames in order: seal the originals, de-identify,
+    hide the ROIs (lossless formats), encode; ROI rows to the catalog in parts.
+
+    Frames wait in `pending` (frame index → decoded frame) until `emit` gets their final ROIs.
+    `anonymize_video` feeds it a whole video; `render_segment` one segment of a split video,
+    with `index_base` keeping its sealed records apart from the other segments'. It owns
+    `writer`. Use as a context manager: a failure removes what it wrote.
+    """
+
+    def __init__(self, writer: VideoWriter, sealed_part: Path, video_id: str, data_key: DataKey,
+                 envelope: Sequence[WrappedKey], settings: PipelineSettings, swapper: FaceSwapper, timer: Timer,
+                 run_id: str, catalog: CatalogStore | None, bar: Any, index_base: int = 0,
+                 roi_part_prefix: str = "") -> None:
+        self.pending: dict[int, np.ndarray] = {}
+        self.video_id, self.swapper, self.timer, self.bar = video_id, swapper, timer, bar
+        self.run_id, self.catalog, self.roi_part_prefix = run_id, catalog, roi_part_prefix
+        self.payload_key = data_key.payload_key()
+        # Lossless formats keep an in-pixel payload, with the envelope: reversible from the pixels alone.
+        self.in_pixels = settings.public_format in LOSSLESS_CODECS
+        self.envelope_bytes = envelope_to_bytes(envelope)
+        self.noise_for = noise_source(data_key)
+        # Sealed originals free the public face from carrying them: blended and smoothed for viewers.
+        self.blend = settings.seal != "none"
+        self.smoother = TemporalSmoother(SMOOTHING_WEIGHT) if self.blend else None
+        self.faces = self.frames_with_faces = 0
+        self.stats: SealStats | None = None
+        self._roi_rows: list[dict[str, Any]] = []
+        self._roi_parts = 0
+        self._writer = writer
+        try:
+            self._sealer = SealWriter(sealed_part, video_id, data_key, envelope, settings.seal,
+                                      index_base=index_base)
+        except BaseException:
+            writer.abort()
+            raise
+
+    @property
+    def frames_written(self) -> int:
+        return self._writer.frames_written
+
+    def emit(self, ready: list[tuple[int, list[Roi]]]) -> None:
+        """Write the frames of `ready` (frame index, final ROIs), in order; each must be in `pending`."""
+        if not ready:
+            return
+        frames = [self.pending.pop(f) for f, _ in ready]
+        rois = [r for _, r in ready]
+        with self.timer.stage("seal"):
+            for frame, (f, frame_rois) in zip(frames, ready):
+                self._sealer.add(f, frame, frame_rois)
+        with self.timer.stage("deidentify"):
+            self.swapper.anonymize(frames, rois, self.noise_for, self.smoother, blend=self.blend)
+        if self.in_pixels:
+            with self.timer.stage("stego"):
+                frames = [
+                    stego.embed(frame, stego.FramePayload(f, self.video_id, self.payload_key.key_id, tuple(
+                        stego.RoiRecord(r.x, r.y, r.w, r.h, r.seq_id) for r in frame_rois)), self.payload_key,
+                        self.envelope_bytes)
+                    for frame, (f, frame_rois) in zip(frames, ready)
+                ]
+        with self.timer.stage("encode"):
+            self._writer.write(np.stack(frames))
+        for _, frame_rois in ready:
+            self.faces += len(frame_rois)
+            self.frames_with_faces += bool(frame_rois)
+            self._roi_rows.extend(_roi_rows(self.run_id, self.video_id, frame_rois))
+        self._flush_rois(final=False)
+        if self.bar is not None:
+            self.bar.update(len(ready))
+
+    def _flush_rois(self, final: bool) -> None:
+        """ROI rows grow with the video: written in parts so memory does not."""
+        if not final and len(self._roi_rows) < ROI_ROWS_PER_PART:
+            return
+        if self.catalog is not None and self._roi_rows:
+            self.catalog.write_part("rois", self.run_id,
+                                    f"{self.video_id}-{self.roi_part_prefix}{self._roi_parts:05d}", self._roi_rows)
+            self._roi_parts += 1
+        self._roi_rows = []
+
+    def __enter__(self) -> PublicSink:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._writer.abort()
+            self._sealer.abort()
+            return
+        try:
+            self._writer.close()
+        except BaseException:
+            self._sealer.abort()
+            raise
+        with self.timer.stage("seal"):
+            self.stats = self._sealer.close()
+        self._flush_rois(final=True)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def sequence_rows(run_id: str, video_id: str, sequences: Iterable[SequenceStats]) -> list[dict[str, Any]]:
+    return [dict(run_id=run_id, video_id=video_id, seq_id=s.seq_id, first_frame=s.first_frame,
+                 last_frame=s.last_frame, n_frames=s.n_frames, n_detected=s.n_detected,
+                 n_interpolated=s.n_interpolated, mean_score=s.mean_score)
+            for s in sequences]
 
 
 def anonymize_video(
@@ -121,111 +240,58 @@ def anonymize_video(
     schedule = DetectionSchedule(detector, every=settings.detect_every)
     data_key = data_key or DataKey.generate()
     envelope = wrap_data_key(data_key, recipients, video_id)
-    payload_key = data_key.payload_key()
-    # Lossless formats keep an in-pixel payload, with the envelope: reversible from the pixels alone.
-    in_pixels = settings.public_format in LOSSLESS_CODECS
-    envelope_bytes = envelope_to_bytes(envelope)
-    noise_for = noise_source(data_key)
-    # Sealed originals free the public face from carrying them: blended and smoothed for viewers.
-    sealed_originals = settings.seal != "none"
-    smoother = TemporalSmoother(SMOOTHING_WEIGHT) if sealed_originals else None
-    pending: dict[int, np.ndarray] = {}  # decoded frames waiting until their ROIs are final
-    roi_rows: list[dict[str, Any]] = []
-    roi_parts = 0
-
-    def flush_rois(final: bool) -> None:
-        """ROI rows grow with the video: write them in chunks so memory does not."""
-        nonlocal roi_rows, roi_parts
-        if not final and len(roi_rows) < ROI_ROWS_PER_PART:
-            return
-        if catalog is not None and roi_rows:
-            catalog.write_part("rois", run_id, f"{video_id}-{roi_parts:05d}", roi_rows)
-            roi_parts += 1
-        roi_rows = []
-
     bar = progress_bar(info.frame_count, f"anonymize {Path(source).name}", progress, settings.progress_style)
-
-    def emit(ready: list[tuple[int, list[Roi]]]) -> None:
-        if not ready:
-            return
-        frames = [pending.pop(f) for f, _ in ready]
-        rois = [r for _, r in ready]
-        with timer.stage("seal"):
-            for frame, (f, frame_rois) in zip(frames, ready):
-                sealer.add(f, frame, frame_rois)
-        with timer.stage("deidentify"):
-            swapper.anonymize(frames, rois, noise_for, smoother, blend=sealed_originals)
-        if in_pixels:
-            with timer.stage("stego"):
-                frames = [
-                    stego.embed(frame, stego.FramePayload(f, video_id, payload_key.key_id, tuple(
-                        stego.RoiRecord(r.x, r.y, r.w, r.h, r.seq_id) for r in frame_rois)), payload_key,
-                        envelope_bytes)
-                    for frame, (f, frame_rois) in zip(frames, ready)
-                ]
-        with timer.stage("encode"):
-            writer.write(np.stack(frames))
-        for _, frame_rois in ready:
-            record.faces += len(frame_rois)
-            record.frames_with_faces += bool(frame_rois)
-            roi_rows.extend(_roi_rows(run_id, video_id, frame_rois))
-        flush_rois(final=False)
-        if bar is not None:
-            bar.update(len(ready))
-
     start = time.perf_counter()
     with temporary_beside(output, ".mkv") as video_part, temporary_beside(output, ".uuseal") as sealed_part:
-        sealer = SealWriter(sealed_part, video_id, data_key, envelope, settings.seal)
-        try:
-            with writer_for(video_part, info, source, settings.public_format) as writer:
-                for first, batch in timed_batches(source, settings.batch_size, timer):
-                    with timer.stage("detect"):
-                        detections = schedule.detect(batch)
-                    for i, dets in enumerate(detections):
-                        tracker.update(first + i, dets)
-                        pending[first + i] = batch[i]
-                    emit(tracker.pop_ready())
-                emit(tracker.finish())
-                record.frame_count = writer.frames_written
-                record.frames_detected = schedule.frames_detected
-            with timer.stage("seal"):
-                stats = sealer.close()
-        except BaseException:
-            sealer.abort()
-            raise
+        writer = writer_for(video_part, info, source, settings.public_format)
+        with PublicSink(writer, sealed_part, video_id, data_key, envelope, settings, swapper, timer, run_id,
+                        catalog, bar) as sink:
+            for first, batch in timed_batches(source, settings.batch_size, timer):
+                with timer.stage("detect"):
+                    detections = schedule.detect(batch)
+                for i, dets in enumerate(detections):
+                    tracker.update(first + i, dets)
+                    sink.pending[first + i] = batch[i]
+                sink.emit(tracker.pop_ready())
+            sink.emit(tracker.finish())
+        stats = sink.stats
+        record.frame_count = sink.frames_written
+        record.frames_detected = schedule.frames_detected
+        record.faces, record.frames_with_faces = sink.faces, sink.frames_with_faces
         with timer.stage("attach"):
             attach(video_part, sealed_part, output, SEALED_NAME)
     record.public_bytes, record.sealed_bytes = Path(output).stat().st_size, stats.bytes
     if settings.seal == "high" and stats.crop_chunks:
         record.seal_psnr_db, record.seal_min_psnr_db = stats.psnr_db, stats.min_psnr_db
-    if bar is not None:
-        bar.close()
     if record.frame_count == 0:
         raise ValueError(f"{source}: no frames could be decoded")
     sequences = tracker.sequences
     record.sequences = len(sequences)
     if catalog is not None:
-        flush_rois(final=True)
-        catalog.write_part("sequences", run_id, video_id, [
-            dict(run_id=run_id, video_id=video_id, seq_id=s.seq_id, first_frame=s.first_frame,
-                 last_frame=s.last_frame, n_frames=s.n_frames, n_detected=s.n_detected,
-                 n_interpolated=s.n_interpolated,
-                 mean_score=s.mean_score)
-            for s in sequences])
+        catalog.write_part("sequences", run_id, video_id, sequence_rows(run_id, video_id, sequences))
     with timer.stage("release_check"):
-        # Seeded by the video id: reproducible, yet the sampled offset differs between videos.
-        checked = sample_frames(record.frame_count, settings.release_check_frames, seed=int(video_id[:15], 16))
-        # Read back from the written file: the sealed data must verify in every format.
-        sealed_rois = read_back_rois(output, video_id, data_key, checked)
-        rois_of = payload_rois(payload_key) if in_pixels else listed_rois(sealed_rois)
-        verdict = check_public_stream(output, source, rois_of, detector, judge=judge, frames=checked)
-    record.frames_checked = len(verdict.checked_frames)
-    record.needs_review = verdict.needs_review
-    record.review_frames = verdict.review_frames
-    record.review_reason = verdict.reason or None
+        verdict = check_release(output, source, video_id, data_key, release_check_sample(record, settings),
+                                settings.public_format, detector, judge)
+    record.take_verdict(verdict)
     timer.seconds["total"] = time.perf_counter() - start
     record.seconds = timer.seconds
     return record
+
+
+def release_check_sample(record: VideoRecord, settings: PipelineSettings) -> list[int]:
+    """The frames the release check decodes; seeded by the video id: reproducible, yet the
+    sampled offset differs between videos."""
+    return sample_frames(record.frame_count, settings.release_check_frames, seed=int(record.video_id[:15], 16))
+
+
+def check_release(public: str | Path, source: str | Path, video_id: str, data_key: DataKey, frames: Sequence[int],
+                  public_format: str, detector: FaceDetector, judge: SFaceJudge | None) -> ReleaseVerdict:
+    """The release check on `frames` of the written public file, its ROIs read back from the file
+    itself: the sealed data must verify in every format (tasks/datapath/release_check.py)."""
+    sealed_rois = read_back_rois(public, video_id, data_key, frames)
+    in_pixels = public_format in LOSSLESS_CODECS
+    rois_of = payload_rois(data_key.payload_key()) if in_pixels else listed_rois(sealed_rois)
+    return check_public_stream(public, source, rois_of, detector, judge=judge, frames=frames)
 
 
 def read_back_rois(public: str | Path, video_id: str, data_key: DataKey,

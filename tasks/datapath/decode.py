@@ -213,6 +213,12 @@ def keyframe_sizes(path: str | Path) -> list[tuple[int, int]]:
     return sizes
 
 
+def keyframe_indices(path: str | Path) -> tuple[list[int], int]:
+    """The frames a decoder can start from, and the number of frames (the container's index: no decoding)."""
+    reader = _open(path)
+    return sorted(int(k) for k in reader.get_key_indices()), len(reader)
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Metadata of a video; raises VideoDecodeError for anything that is not a complete video
     with one frame size."""

@@ -258,13 +258,71 @@ def retime(path: str | Path, frame_times: Sequence[float], fps: float) -> None:
     os.replace(temp, path)
 
 
-def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name: str) -> Path:
-    """Remux `video` (every stream, no re-encoding) with `attachment` added, into `out_path` atomically."""
+def join_segments(parts: Sequence[str | Path], starts: Sequence[int], out_path: str | Path, fps: float,
+                  frame_times: Sequence[float] | None = None) -> int:
+    """Join the video-only segment files of a split video into `out_path`, without re-encoding;
+    returns the number of video packets (one per frame).
+
+    Segment k's frame i is the video's frame `starts[k] + i`, stamped at its source time
+    (`frame_times`, or i / fps on a constant grid): the packets are copied in order and only their
+    times rewritten, as `retime` does. Each segment starts on a keyframe, and its first decode
+    times (B-frame delay; Matroska's demuxer gives none for the first packets) would fall before
+    the previous segment's last: they are set one tick past it. Matroska stores presentation
+    times only, so these decode times are never written; the muxer only needs them increasing.
+    """
+    times = None if frame_times is None else np.asarray(frame_times, dtype=np.float64)
+    step = float(np.diff(times).min()) if times is not None and len(times) > 1 else 1.0 / fps
+
+    def frame_time(index: int) -> float:
+        if times is None:
+            return index / fps
+        if index >= len(times):
+            raise VideoEncodeError(f"{out_path}: frame {index} has no frame time ({len(times)} given)")
+        return float(times[index]) if index >= 0 else float(times[0]) + index * step
+
+    packets = 0
+    try:
+        with av.open(str(out_path), "w", format="matroska") as target:
+            stream = None
+            last_dts: int | None = None
+            for part, start in zip(parts, starts, strict=True):
+                with av.open(str(part)) as source:
+                    video = source.streams.video[0]
+                    if stream is None:
+                        stream = target.add_stream_from_template(video)
+                    base = video.time_base
+                    for packet in source.demux(video):
+                        if packet.pts is None and packet.dts is None:
+                            continue  # the demuxer's end-of-stream marker
+                        out_base = stream.time_base or base
+                        pts, dts = ((None if ts is None else
+                                     round(frame_time(start + round(float(ts * base) * fps)) / out_base))
+                                    for ts in (packet.pts, packet.dts))
+                        if last_dts is None and dts is None:
+                            dts = pts
+                        elif last_dts is not None and (dts is None or dts <= last_dts):
+                            dts = last_dts + 1
+                        last_dts = dts
+                        packet.pts, packet.dts = pts, dts
+                        packet.stream = stream
+                        target.mux(packet)
+                        packets += 1
+    except av.FFmpegError as err:
+        Path(out_path).unlink(missing_ok=True)
+        raise VideoEncodeError(f"{out_path}: joining the segments failed: {err}") from err
+    return packets
+
+
+def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name: str,
+           audio_from: str | Path | None = None) -> Path:
+    """Remux `video` (every stream, no re-encoding) with `attachment` added, into `out_path` atomically;
+    with every audio stream of `audio_from` after them (a split video's segments carry none)."""
     out_path = Path(out_path)
     handle, temp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial.mkv")
     os.close(handle)
-    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video),
-               "-map", "0", "-c", "copy", "-attach", str(attachment),
+    audio_in, audio_map = ([], []) if audio_from is None else (["-i", str(audio_from)], ["-map", "1:a?"])
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video), *audio_in,
+               "-map", "0", *audio_map, "-c", "copy", "-attach", str(attachment),
                "-metadata:s:t:0", f"mimetype={ATTACHMENT_MIMETYPE}", "-metadata:s:t:0", f"filename={name}",
                "-f", "matroska", temp]
     result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """The Ray actor of the data path: one per pool slot, alive for a whole flow run, models
-loaded once; it runs whole videos through the plain per-video loops and returns small
-records, so frames never cross Ray's object store.
+loaded once; it runs whole videos (or the steps of a split one) through the plain loops and
+returns small records, so frames never cross Ray's object store.
 
 The only module of `tasks/` that imports Ray.
 """
@@ -16,8 +16,18 @@ from catalogs import CatalogStore
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
-from tasks.datapath.keys import AuthorityPrivateKey, AuthorityPublicKey
+from tasks.datapath.keys import AuthorityPrivateKey, AuthorityPublicKey, DataKey, WrappedKey
 from tasks.datapath.reconstruct import reconstruct_video
+from tasks.datapath.release_check import ReleaseVerdict
+from tasks.datapath.segments import (
+    Segment,
+    SegmentDetections,
+    SegmentResult,
+    check_segment,
+    detect_segment,
+    render_segment,
+)
+from tasks.datapath.track import Roi
 from tasks.datapath.video_loop import PipelineSettings
 from tasks.judges import SFaceJudge
 
@@ -79,6 +89,23 @@ class FaceWorkerImpl:
                                  swapper=self.swapper, settings=self.settings, run_id=run_id,
                                  catalog=catalog, judge=self.judge)
         return record.as_dict()
+
+    # A split video (tasks/datapath/segments.py): its steps, each on whichever worker is free.
+    def detect_segment(self, source: str, segment: Segment) -> SegmentDetections:
+        return detect_segment(source, segment, self.detector, self.settings)
+
+    def render_segment(self, source: str, segment: Segment, rois: list[tuple[int, list[Roi]]], video_part: str,
+                       sealed_part: str, video_id: str, data_key: DataKey, envelope: list[WrappedKey], run_id: str,
+                       catalog_root: str | None) -> SegmentResult:
+        catalog = CatalogStore(catalog_root) if catalog_root else None
+        return render_segment(source, segment, rois, video_part, sealed_part, video_id=video_id, data_key=data_key,
+                              envelope=envelope, swapper=self.swapper, settings=self.settings, run_id=run_id,
+                              catalog=catalog)
+
+    def check_segment(self, public: str, source: str, video_id: str, data_key: DataKey,
+                      frames: list[int]) -> ReleaseVerdict:
+        return check_segment(public, source, video_id, data_key, frames, self.settings.public_format,
+                             self.detector, self.judge)
 
     def reconstruct(self, public: str, output: str, private_key: AuthorityPrivateKey,
                     source: str | None = None) -> dict[str, Any]:

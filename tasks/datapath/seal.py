@@ -323,7 +323,9 @@ class SealWriter:
     """Streams one video's sealed file: `add` every frame in order (before de-identifying it), then `close`."""
 
     def __init__(self, path: str | Path, video_id: str, data_key: DataKey, envelope: Sequence[WrappedKey],
-                 quality: str = "high", chunk_frames: int = CHUNK_FRAMES) -> None:
+                 quality: str = "high", chunk_frames: int = CHUNK_FRAMES, index_base: int = 0) -> None:
+        """`index_base`: where this writer's record indices start. A split video's segments are sealed
+        by separate writers and merged (`merge_sealed`); distinct bases keep their records apart."""
         if quality not in QUALITIES:
             raise ValueError(f"unknown seal quality {quality!r}; choose one of {QUALITIES}")
         self.path, self.video_id, self.quality = Path(path), video_id, quality
@@ -335,7 +337,8 @@ class SealWriter:
         self._next_index: dict[int, int] = {}
         self._roi_block: list[list[Any]] = []
         self._roi_block_first: int | None = None
-        self._roi_blocks = 0
+        self._roi_blocks = index_base
+        self._index_base = index_base
         self._last_frame = -1
         # `high`: per sequence, the (CRF, PSNR) of its last chunk, which aims the next one.
         self._last_crf: dict[int, tuple[float, float]] = {}
@@ -373,7 +376,7 @@ class SealWriter:
                 self._flush_chunk(r.seq_id)
                 chunk = None
             if chunk is None:
-                chunk = self._open[r.seq_id] = _OpenChunk(self._next_index.get(r.seq_id, 0))
+                chunk = self._open[r.seq_id] = _OpenChunk(self._next_index.get(r.seq_id, self._index_base))
                 self._next_index[r.seq_id] = chunk.index + 1
             chunk.add(box, np.array(frame[r.y : r.y + r.h, r.x : r.x + r.w], dtype=np.uint8, copy=True))
             if len(chunk.crops) >= self.chunk_frames:
@@ -664,3 +667,60 @@ class SealedVideo:
             live = still
             if found:
                 yield frame, found
+
+
+def merge_stats(parts: Sequence[SealStats]) -> SealStats:
+    """The stats of a video sealed in segments, from its segments' (bytes: set by the caller)."""
+    merged = SealStats()
+    for part in parts:
+        merged.records += part.records
+        merged.crop_chunks += part.crop_chunks
+        merged.crop_bytes += part.crop_bytes
+        merged.min_psnr_db = min(merged.min_psnr_db, part.min_psnr_db)
+        merged.roi_values += part.roi_values
+        merged.roi_squared_error += part.roi_squared_error
+    return merged
+
+
+def merge_sealed(parts: Sequence[str | Path], out: str | Path, data_key: DataKey) -> int:
+    """One sealed file at `out` from the sealed files of a split video's segments; returns its size.
+
+    Each segment was sealed by its own `SealWriter` (same header, distinct `index_base`). The
+    records are copied as they are (still encrypted: their associated data names the video and
+    the record, not the file), each segment's manifest is dropped, and one manifest listing every
+    record is written last. A segment that does not verify in full, or whose header differs,
+    stops the merge: the merged file must be as complete as one written in one piece.
+    """
+    opened = [SealedVideo(p) for p in parts]
+    if not opened:
+        raise SealError("no sealed segments to merge")
+    header = opened[0]._header
+    for part in opened:
+        if part._header != header:
+            raise SealError(f"{part.path}: its header differs from {opened[0].path}'s: not the same video's segments")
+        part.unlock(data_key)
+        if part.failures:
+            raise SealError(f"{part.path}: the segment's sealed data does not verify: {'; '.join(part.failures[:3])}")
+    aes = AESGCM(data_key.seal_key())
+    video_id = opened[0].video_id
+    written: list[list[Any]] = []
+    with open(out, "wb") as target:
+        target.write(MAGIC + _u32(len(header)) + header)
+        for part in opened:
+            with open(part.path, "rb") as fh:
+                for ref in part.records:
+                    if ref.kind == "manifest":
+                        continue
+                    fh.seek(ref.offset)
+                    target.write(_u32(len(ref.header)) + ref.header + _u32(ref.length) + fh.read(ref.length))
+                    written.append([ref.kind, ref.seq, ref.index])
+        if len({tuple(w) for w in written}) != len(written):
+            raise SealError("two segments hold a record with the same kind, sequence and index (same index_base?)")
+        manifest_header = _canonical({"kind": "manifest", "index": 0, "seq": -1, "first": -1, "last": -1})
+        nonce = secrets.token_bytes(12)
+        body = nonce + aes.encrypt(nonce, _canonical({"header_sha256": hashlib.sha256(header).hexdigest(),
+                                                      "records": written}), _aad(video_id, manifest_header))
+        target.write(_u32(len(manifest_header)) + manifest_header + _u32(len(body)) + body)
+        target.flush()
+        os.fsync(target.fileno())
+    return Path(out).stat().st_size

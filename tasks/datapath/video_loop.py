@@ -44,6 +44,9 @@ class PipelineSettings:
     device: str = "auto"  # "auto": CUDA when this worker was given a GPU, CPU otherwise
     torch_threads: int = 0  # 0: leave torch's default
     release_check_frames: int = 48  # at most this many public frames re-checked per video
+    # A video of at least twice this many frames is split at keyframes into segments of at least
+    # this many, which the workers process at once (tasks/datapath/segments.py); 0: never split.
+    segment_frames: int = 240
     # "bar" in a terminal; "lines" (a plain line every few seconds) where the log is a file. The
     # flows choose by whether their own stderr is a terminal: an actor's never is.
     progress_style: str = "bar"
