@@ -34,6 +34,23 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+KEYFRAMED_FRAMES, KEYFRAME_EVERY = 48, 16
+
+
+@pytest.fixture(scope="session")
+def keyframed_clip(tmp_path_factory) -> Path:
+    """48 frames of the Wolfgang sample (a face throughout) with a keyframe every 16 and its audio:
+    a video that splits (tasks/datapath/segments.py)."""
+    import imageio_ffmpeg
+
+    dest = tmp_path_factory.mktemp("keyframed") / "keyframed.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-ss", "2", "-i",
+                    str(SAMPLES / "WolfgangLanger_Pexels.mp4"), "-frames:v", str(KEYFRAMED_FRAMES), "-c:v", "libx264",
+                    "-crf", "12", "-g", str(KEYFRAME_EVERY), "-keyint_min", str(KEYFRAME_EVERY), "-sc_threshold", "0",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(dest)], check=True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

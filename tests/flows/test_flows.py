@@ -165,3 +165,22 @@ def test_the_pool_started_before_the_flow_is_the_one_the_flow_takes(ray_session)
         assert len(other.describe()) == 1
     finally:
         other.shutdown()
+
+
+def test_a_long_video_is_split_across_two_actors_and_restores(keyframed_clip, tmp_path, prefect_harness, ray_session):
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    archive.mkdir()
+    shutil.copy(keyframed_clip, archive / "long.mp4")
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    # 48 frames, a keyframe every 16, segments of at least 16: split at frame 16 for two workers.
+    (row,) = anonymize_archive(str(archive), str(out), public_keys=[str(tmp_path / "a.pub")],
+                               model="keyed-permutation", seal="exact", workers=2, segment_frames=16)
+    assert row["status"] == "done" and row["frame_count"] == 48 and row["faces"] >= 48
+    assert probe(out / "public" / "long.mkv").frame_count == 48
+    assert not list((out / "public").rglob(".*")), "no segment part left behind"
+    rois = CatalogStore(out / "catalogs").read("rois")
+    assert sorted(rois.frame_index.unique()) == list(range(48))
+    assert list((out / "catalogs").rglob("*s00001-*.parquet")), "the second segment's worker wrote its ROI rows"
+    (restored,) = reconstruct_streams(str(out / "public"), str(out), private_key=str(tmp_path / "a.key"),
+                                      model="keyed-permutation", workers=1)
+    assert restored["status"] == "done" and restored["chunks_failed"] == 0
