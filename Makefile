@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.keyframes
 	$(PY) -m bench.versus_deface
 	$(PY) -m bench.leaks
+	$(PY) -m bench.split
 
 # The recipe of the bundled weights (models/weights/MODEL_CARD.md), from scratch: builds the
 # offline corpus in out/corpus, then phase I and phase II; resumes if interrupted.

@@ -72,8 +72,8 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
         seconds = record["seconds"]
         row.update({k: record[k] for k in ("width", "height", "frame_count", "fps", "fps_rational",
                                              "audio_streams", "faces", "sequences", "frames_with_faces",
-                                             "frames_detected", "output_path", "public_bytes", "sealed_bytes", "seal_psnr_db",
-                                             "seal_min_psnr_db")})
+                                             "frames_detected", "output_path", "public_bytes", "sealed_bytes",
+                                             "seal_psnr_db", "seal_min_psnr_db")})
         row.update({f"seconds_{stage}": seconds.get(stage) for stage in
                     ("decode", "detect", "seal", "deidentify", "stego", "encode")})
         row["fps_processed"] = record["frame_count"] / seconds["total"] if seconds.get("total") else None
@@ -87,9 +87,11 @@ def _video_row(run_id: str, source: Path, video_id: str, settings: PipelineSetti
 @task(retries=2, retry_delay_seconds=2, task_run_name="anonymize {source.name}", cache_policy=NO_CACHE)
 def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, recipients: list[AuthorityPublicKey],
                   run_id: str, catalog_root: str, settings: PipelineSettings) -> dict[str, Any]:
-    """One video on one actor, or split across them when it is long (tasks/datapath/segments.py). A failure inside the video's own work is recorded here, as `failed`
-    when the input is at fault and `interrupted` otherwise (see flows.runtime.failure_status); only
-    a dead actor raises, so Prefect retries the video on a fresh one."""
+    """One video on one actor, or split across them when it is long (tasks/datapath/segments.py).
+
+    A failure inside the video's own work is recorded here, as `failed` when the input is at
+    fault and `interrupted` otherwise (see flows.runtime.failure_status); only a dead actor
+    raises, so Prefect retries the video on a fresh one."""
     logger = get_run_logger()
     catalog = CatalogStore(catalog_root)
     started = utc_now()

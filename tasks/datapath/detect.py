@@ -14,7 +14,7 @@ import joblib
 import numpy as np
 import torch
 
-from models.mtcnn import MTCNN, area_pyramid
+from models.mtcnn import MTCNN, area_pyramid, pairwise_overlap
 
 
 def mtcnn_weights_dir() -> Path:
@@ -83,19 +83,15 @@ class FaceDetector:
 def boxes_agree(a: np.ndarray, b: np.ndarray, min_iou: float = 0.5) -> bool:
     """Whether two frames' face boxes pair up one to one, each pair overlapping by IoU >= `min_iou`.
 
-    Greedy on the best overlaps first; (K, 4+) arrays x1, y1, x2, y2 (anything after is ignored).
+    Greedy on the best overlaps first; (K, 5) arrays as `FaceDetector.detect` gives (the score is ignored).
     """
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 5)[:, :4], np.asarray(b, dtype=np.float64).reshape(-1, 5)[:, :4]
+    a, b = (np.asarray(boxes, dtype=np.float64).reshape(-1, 5)[:, :4] for boxes in (a, b))
     if len(a) != len(b):
         return False
     if len(a) == 0:
         return True
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    overlap = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+    # Boxes of no area overlap nothing (0 / 0 is NaN there).
+    overlap = pairwise_overlap(torch.from_numpy(a), torch.from_numpy(b), "union").nan_to_num(0.0).numpy()
     for _ in range(len(a)):
         i, j = np.unravel_index(np.argmax(overlap), overlap.shape)
         if overlap[i, j] < min_iou:
