@@ -12,6 +12,7 @@ import pytest
 from catalogs import CatalogStore
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.decode import probe, read_frames
+from tasks.datapath.encode import VideoWriter, attach, join_segments
 from tasks.datapath.keys import DataKey, generate_key_pair, parse_private_key, unwrap_data_key, wrap_data_key
 from tasks.datapath.ray_actor import FaceWorkerImpl
 from tasks.datapath.reconstruct import reconstruct_video
@@ -195,3 +196,29 @@ def test_a_failed_segment_leaves_nothing_behind(keyframed_clip, worker, tmp_path
                         in_process(worker, fail_on="render_segment"), 2, recipients=[AUTHORITY.public],
                         video_id=VIDEO, settings=SETTINGS, run_id="run", catalog=catalog)
     assert list((tmp_path / "public").iterdir()) == []
+
+
+def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path):
+    from tests.datapath.test_decode_encode import SINGLE_FACE, _audio_packets
+    from tests.datapath.test_real_world_footage import FPS, STRETCH_FROM, _ffmpeg
+
+    source = tmp_path / "vfr.mkv"
+    stretch = f"setpts='if(lt(N,{STRETCH_FROM}),N,{STRETCH_FROM}+(N-{STRETCH_FROM})*3)/({FPS}*TB)'"
+    _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "40", "-vf", stretch, "-fps_mode", "vfr", "-c:v", "libx264",
+            "-preset", "ultrafast", "-g", "10", "-keyint_min", "10", "-sc_threshold", "0", "-c:a", "aac", str(source))
+    info = probe(source)
+    assert info.frame_times is not None
+    starts, parts = [0, 20], []
+    for k, (start, stop) in enumerate([(0, 20), (20, 40)]):
+        parts.append(tmp_path / f"seg{k}.mkv")
+        with VideoWriter(parts[-1], info.width, info.height, info.fps_rational, codec="h264") as writer:
+            writer.write(read_frames(source, range(start, stop)))
+    assert join_segments(parts, starts, tmp_path / "joined.mkv", info.fps, info.frame_times) == 40
+    (tmp_path / "sealed").write_bytes(b"stands in for the sealed data")
+    attach(tmp_path / "joined.mkv", tmp_path / "sealed", tmp_path / "public.mkv", "sealed", audio_from=source)
+    written = probe(tmp_path / "public.mkv")
+    assert written.frame_count == 40 and written.frame_times is not None
+    assert np.allclose(written.frame_times, info.frame_times, atol=0.0011)  # Matroska keeps milliseconds
+    assert np.abs(read_frames(tmp_path / "public.mkv", range(40)).astype(int)
+                  - read_frames(source, range(40))).mean() < 3.0
+    assert [p[1:] for p in _audio_packets(tmp_path / "public.mkv")] == [p[1:] for p in _audio_packets(source)]
