@@ -167,7 +167,7 @@ def test_the_pool_started_before_the_flow_is_the_one_the_flow_takes(ray_session)
         other.shutdown()
 
 
-def test_a_long_video_is_split_across_two_actors_and_restores(keyframed_clip, tmp_path, prefect_harness, ray_session):
+def test_a_long_video_is_split_across_two_actors(keyframed_clip, tmp_path, prefect_harness, ray_session):
     archive, out = tmp_path / "archive", tmp_path / "out"
     archive.mkdir()
     shutil.copy(keyframed_clip, archive / "long.mp4")
@@ -181,6 +181,4 @@ def test_a_long_video_is_split_across_two_actors_and_restores(keyframed_clip, tm
     rois = CatalogStore(out / "catalogs").read("rois")
     assert sorted(rois.frame_index.unique()) == list(range(48))
     assert list((out / "catalogs").rglob("*s00001-*.parquet")), "the second segment's worker wrote its ROI rows"
-    (restored,) = reconstruct_streams(str(out / "public"), str(out), private_key=str(tmp_path / "a.key"),
-                                      model="keyed-permutation", workers=1)
-    assert restored["status"] == "done" and restored["chunks_failed"] == 0
+    # Restoring a split video bit for bit: tests/datapath/test_segments.py (without a cluster, to stay fast).
