@@ -222,3 +222,20 @@ def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path):
     assert np.abs(read_frames(tmp_path / "public.mkv", range(40)).astype(int)
                   - read_frames(source, range(40))).mean() < 3.0
     assert [p[1:] for p in _audio_packets(tmp_path / "public.mkv")] == [p[1:] for p in _audio_packets(source)]
+
+
+def test_a_split_lossless_video_carries_each_frames_payload_and_reverses_by_the_learned_path(keyframed_clip,
+                                                                                              tmp_path):
+    settings = PipelineSettings(model="keyed-permutation", public_format="x264rgb", seal="none", detect_every=1,
+                                segment_frames=KEYFRAME_EVERY, release_check_frames=4, progress_style="lines")
+    lossless = FaceWorkerImpl(settings)
+    record = anonymize_split(keyframed_clip, tmp_path / "public.mkv", split_plan(keyframed_clip, 2, settings),
+                             in_process(lossless), 2, recipients=[AUTHORITY.public], video_id=VIDEO,
+                             settings=settings, run_id="run", catalog=None)
+    assert record.frame_count == FRAMES and record.faces >= FRAMES and not record.needs_review
+    restored = reconstruct_video(tmp_path / "public.mkv", tmp_path / "restored.mkv", private_key=AUTHORITY,
+                                 swapper=lossless.swapper, settings=settings, progress=False)
+    # Each segment hid its frames' payloads under their frame numbers in the whole video.
+    assert (restored.restore_path, restored.frames_with_payload, restored.frames_payload_invalid) == (
+        "learned", FRAMES, 0)
+    assert restored.rois_restored == record.faces
