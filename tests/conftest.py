@@ -34,12 +34,12 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-KEYFRAMED_FRAMES, KEYFRAME_EVERY = 48, 16
+KEYFRAMED_FRAMES, KEYFRAME_EVERY = 32, 16
 
 
 @pytest.fixture(scope="session")
 def keyframed_clip(tmp_path_factory) -> Path:
-    """48 frames of the Wolfgang sample (a face throughout) with a keyframe every 16 and its audio:
+    """32 frames of the Wolfgang sample (a face throughout) with a keyframe every 16 and its audio:
     a video that splits (tasks/datapath/segments.py)."""
     import imageio_ffmpeg
 
