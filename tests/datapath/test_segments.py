@@ -2,6 +2,7 @@
 against the same video run whole (no Ray: the workers are in-process)."""
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -225,10 +226,11 @@ def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path):
 
 
 def test_a_split_lossless_video_carries_each_frames_payload_and_reverses_by_the_learned_path(keyframed_clip,
-                                                                                              tmp_path):
+                                                                                              worker, tmp_path):
     settings = PipelineSettings(model="keyed-permutation", public_format="x264rgb", seal="none", detect_every=1,
                                 segment_frames=KEYFRAME_EVERY, release_check_frames=4, progress_style="lines")
-    lossless = FaceWorkerImpl(settings)
+    lossless = copy.copy(worker)  # the same models (none depends on the format or the seal), other settings
+    lossless.settings = settings
     record = anonymize_split(keyframed_clip, tmp_path / "public.mkv", split_plan(keyframed_clip, 2, settings),
                              in_process(lossless), 2, recipients=[AUTHORITY.public], video_id=VIDEO,
                              settings=settings, run_id="run", catalog=None)
