@@ -50,7 +50,7 @@ from tasks.datapath.anonymize import (
     release_check_sample,
     sequence_rows,
 )
-from tasks.datapath.decode import iter_frames, keyframe_indices, probe
+from tasks.datapath.decode import keyframe_indices, probe
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import DetectionSchedule, FaceDetector
 from tasks.datapath.encode import VideoWriter, attach, join_segments
@@ -58,7 +58,7 @@ from tasks.datapath.keys import AuthorityPublicKey, DataKey, WrappedKey, wrap_da
 from tasks.datapath.release_check import ReleaseVerdict
 from tasks.datapath.seal import SealStats, merge_sealed, merge_stats
 from tasks.datapath.track import FaceTracker, Roi
-from tasks.datapath.video_loop import PipelineSettings, Timer, progress_bar, temporary_beside
+from tasks.datapath.video_loop import PipelineSettings, Timer, progress_bar, temporary_beside, timed_batches
 from tasks.judges import SFaceJudge
 
 # Segment k's sealed records are numbered from k * INDEX_STRIDE: no segment holds that many.
@@ -135,13 +135,7 @@ class SegmentResult:
 
 
 def _batches(source: str | Path, segment: Segment, batch_size: int, timer: Timer):
-    frames = iter_frames(source, batch_size=batch_size, start=segment.start, stop=segment.stop)
-    while True:
-        with timer.stage("decode"):
-            item = next(frames, None)
-        if item is None:
-            return
-        yield item
+    return timed_batches(source, batch_size, timer, segment.start, segment.stop)
 
 
 def detect_segment(source: str | Path, segment: Segment, detector: FaceDetector, settings: PipelineSettings,

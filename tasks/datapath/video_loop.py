@@ -163,9 +163,10 @@ def progress_bar(total: int, desc: str, enabled: bool, style: str = "bar"):
     return tqdm(total=total, desc=desc, unit="frame", leave=False)
 
 
-def timed_batches(path: str | Path, batch_size: int, timer: Timer) -> Iterator[tuple[int, np.ndarray]]:
-    """Decoded batches, with the decoding time charged to the "decode" stage."""
-    frames = iter_frames(path, batch_size=batch_size)
+def timed_batches(path: str | Path, batch_size: int, timer: Timer, start: int = 0,
+                  stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decoded batches of frames start..stop-1, with the decoding time charged to the "decode" stage."""
+    frames = iter_frames(path, batch_size=batch_size, start=start, stop=stop)
     while True:
         with timer.stage("decode"):
             item = next(frames, None)
