@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from catalogs import CatalogStore
+from tasks.datapath.decode import VideoInfo
 from tasks.datapath.anonymize import anonymize_video
 from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
@@ -95,12 +96,12 @@ class FaceWorkerImpl:
         return detect_segment(source, segment, self.detector, self.settings)
 
     def render_segment(self, source: str, segment: Segment, rois: list[tuple[int, list[Roi]]], video_part: str,
-                       sealed_part: str, video_id: str, data_key: DataKey, envelope: list[WrappedKey], run_id: str,
-                       catalog_root: str | None) -> SegmentResult:
+                       sealed_part: str, info: VideoInfo, video_id: str, data_key: DataKey, envelope: list[WrappedKey],
+                       run_id: str, catalog_root: str | None) -> SegmentResult:
         catalog = CatalogStore(catalog_root) if catalog_root else None
-        return render_segment(source, segment, rois, video_part, sealed_part, video_id=video_id, data_key=data_key,
-                              envelope=envelope, swapper=self.swapper, settings=self.settings, run_id=run_id,
-                              catalog=catalog)
+        return render_segment(source, segment, rois, video_part, sealed_part, info=info, video_id=video_id,
+                              data_key=data_key, envelope=envelope, swapper=self.swapper, settings=self.settings,
+                              run_id=run_id, catalog=catalog)
 
     def check_segment(self, public: str, source: str, video_id: str, data_key: DataKey,
                       frames: list[int]) -> ReleaseVerdict:

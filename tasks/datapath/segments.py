@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from tasks.datapath.anonymize import (
     release_check_sample,
     sequence_rows,
 )
-from tasks.datapath.decode import keyframe_indices, probe
+from tasks.datapath.decode import VideoInfo, keyframe_indices, probe
 from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import DetectionSchedule, FaceDetector
 from tasks.datapath.encode import VideoWriter, attach, join_segments
@@ -160,12 +160,12 @@ def detect_segment(source: str | Path, segment: Segment, detector: FaceDetector,
 
 
 def render_segment(source: str | Path, segment: Segment, rois: list[tuple[int, list[Roi]]], video_part: str | Path,
-                   sealed_part: str | Path, *, video_id: str, data_key: DataKey, envelope: Sequence[WrappedKey],
-                   swapper: FaceSwapper, settings: PipelineSettings, run_id: str, catalog: CatalogStore | None,
-                   progress: bool = True) -> SegmentResult:
-    """Step 3 (a worker): one segment's public frames, video only, and its sealed file."""
+                   sealed_part: str | Path, *, info: VideoInfo, video_id: str, data_key: DataKey,
+                   envelope: Sequence[WrappedKey], swapper: FaceSwapper, settings: PipelineSettings, run_id: str,
+                   catalog: CatalogStore | None, progress: bool = True) -> SegmentResult:
+    """Step 3 (a worker): one segment's public frames, video only, and its sealed file. `info` is
+    the driver's probe of the source: probing again would decode every keyframe of the file per segment."""
     timer = Timer()
-    info = probe(source)
     if [f for f, _ in rois] != list(range(segment.start, segment.stop)):
         raise ValueError(f"segment {segment.index}: ROIs for frames {segment.start}..{segment.stop - 1} expected")
     roi_lists = iter(rois)
@@ -219,6 +219,7 @@ def anonymize_split(source: str | Path, output: str | Path, segments: Sequence[S
     data_key = DataKey.generate()
     envelope = wrap_data_key(data_key, recipients, video_id)
     tracker = FaceTracker(info.width, info.height, max_gap=settings.max_gap, roi_scale=settings.roi_scale)
+    shape = replace(info, frame_times=None)  # what a render needs; the frame times are the join's
     seconds: dict[str, float] = {}
     with ExitStack() as files, ThreadPoolExecutor(max_workers=2 * workers + 1,
                                                   thread_name_prefix="segment") as pool:
@@ -239,7 +240,7 @@ def anonymize_split(source: str | Path, output: str | Path, segments: Sequence[S
                     mine, waiting[:] = waiting[:cut], waiting[cut:]
                     renders.append(pool.submit(call, "render_segment", str(source), segment, mine,
                                                str(parts[segment.index][0]), str(parts[segment.index][1]),
-                                               video_id, data_key, envelope, run_id,
+                                               shape, video_id, data_key, envelope, run_id,
                                                None if catalog is None else str(catalog.root)))
 
             for k, segment in enumerate(segments):
