@@ -216,14 +216,28 @@ class VideoWriter:
             self.abort()
 
 
+def frame_clock(frame_times: Sequence[float] | None, fps: float, where: str | Path):
+    """index -> start (s) of frame `index`: `frame_times[index]`, or index / fps when None. Decode
+    times before frame 0 (B-frame delay, negative indices) are spaced below every gap, so they
+    stay increasing."""
+    if frame_times is None:
+        return lambda index: index / fps
+    times = np.asarray(frame_times, dtype=np.float64)
+    step = float(np.diff(times).min()) if len(times) > 1 else 1.0 / fps
+
+    def start(index: int) -> float:
+        if index >= len(times):
+            raise VideoEncodeError(f"{where}: frame {index} has no frame time ({len(times)} given)")
+        return float(times[index]) if index >= 0 else float(times[0]) + index * step
+    return start
+
+
 def retime(path: str | Path, frame_times: Sequence[float], fps: float) -> None:
     """Re-stamp the video packets of a constant-rate Matroska file at `path` (frame i at i / fps)
     with `frame_times[i]`, in place (a hidden temp file, then rename); other streams are copied as
     they are. Decode-order timestamps that precede frame 0 (B-frame delay) stay before it."""
     path = Path(path)
-    times = np.asarray(frame_times, dtype=np.float64)
-    # Spacing for the few decode timestamps before frame 0: below every gap, so they stay increasing.
-    step = float(np.diff(times).min()) if len(times) > 1 else 1.0 / fps
+    frame_time = frame_clock(frame_times, fps, path)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".retime.mkv")
     os.close(handle)
     try:
@@ -236,11 +250,7 @@ def retime(path: str | Path, frame_times: Sequence[float], fps: float) -> None:
             def stamp(ts: int | None) -> int | None:
                 if ts is None:
                     return None
-                index = round(float(ts * base) * fps)
-                if index >= len(times):
-                    raise VideoEncodeError(f"{path}: frame {index} has no frame time ({len(times)} given)")
-                start = times[index] if index >= 0 else times[0] + index * step
-                return round(start / base)
+                return round(frame_time(round(float(ts * base) * fps)) / base)
 
             for packet in source.demux(*[s for s in source.streams if s.index in copies]):
                 if packet.pts is None and packet.dts is None:
@@ -270,16 +280,7 @@ def join_segments(parts: Sequence[str | Path], starts: Sequence[int], out_path: 
     the previous segment's last: they are set one tick past it. Matroska stores presentation
     times only, so these decode times are never written; the muxer only needs them increasing.
     """
-    times = None if frame_times is None else np.asarray(frame_times, dtype=np.float64)
-    step = float(np.diff(times).min()) if times is not None and len(times) > 1 else 1.0 / fps
-
-    def frame_time(index: int) -> float:
-        if times is None:
-            return index / fps
-        if index >= len(times):
-            raise VideoEncodeError(f"{out_path}: frame {index} has no frame time ({len(times)} given)")
-        return float(times[index]) if index >= 0 else float(times[0]) + index * step
-
+    frame_time = frame_clock(frame_times, fps, out_path)
     packets = 0
     try:
         with av.open(str(out_path), "w", format="matroska") as target:

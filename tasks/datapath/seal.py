@@ -125,6 +125,14 @@ def _aad(video_id: str, record_header: bytes) -> bytes:
     return FORMAT.encode() + b"\x00" + video_id.encode("ascii") + b"\x00" + record_header
 
 
+def _sealed_record(aes: AESGCM, video_id: str, header: dict[str, Any], plaintext: bytes) -> bytes:
+    """One record as it lies in the file: its header, then a fresh nonce and the ciphertext."""
+    header_bytes = _canonical(header)
+    nonce = secrets.token_bytes(12)
+    body = nonce + aes.encrypt(nonce, plaintext, _aad(video_id, header_bytes))
+    return _u32(len(header_bytes)) + header_bytes + _u32(len(body)) + body
+
+
 def _ffmpeg_failed(stderr: bytes) -> SealError:
     return SealError(f"ffmpeg failed on a crop chunk: {stderr.decode(errors='replace').strip()[-1000:]}")
 
@@ -384,10 +392,7 @@ class SealWriter:
         self._write_done(keep=MAX_PENDING_CHUNKS)
 
     def _record(self, header: dict[str, Any], plaintext: bytes) -> None:
-        header_bytes = _canonical(header)
-        nonce = secrets.token_bytes(12)
-        body = nonce + self._aes.encrypt(nonce, plaintext, _aad(self.video_id, header_bytes))
-        self._file.write(_u32(len(header_bytes)) + header_bytes + _u32(len(body)) + body)
+        self._file.write(_sealed_record(self._aes, self.video_id, header, plaintext))
         self.stats.records += 1
         self._written.append([header["kind"], header.get("seq", -1), header["index"]])
 
@@ -716,11 +721,9 @@ def merge_sealed(parts: Sequence[str | Path], out: str | Path, data_key: DataKey
                     written.append([ref.kind, ref.seq, ref.index])
         if len({tuple(w) for w in written}) != len(written):
             raise SealError("two segments hold a record with the same kind, sequence and index (same index_base?)")
-        manifest_header = _canonical({"kind": "manifest", "index": 0, "seq": -1, "first": -1, "last": -1})
-        nonce = secrets.token_bytes(12)
-        body = nonce + aes.encrypt(nonce, _canonical({"header_sha256": hashlib.sha256(header).hexdigest(),
-                                                      "records": written}), _aad(video_id, manifest_header))
-        target.write(_u32(len(manifest_header)) + manifest_header + _u32(len(body)) + body)
+        target.write(_sealed_record(aes, video_id, {"kind": "manifest", "index": 0, "seq": -1, "first": -1, "last": -1},
+                                    _canonical({"header_sha256": hashlib.sha256(header).hexdigest(),
+                                                "records": written})))
         target.flush()
         os.fsync(target.fileno())
     return Path(out).stat().st_size
