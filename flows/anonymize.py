@@ -49,6 +49,7 @@ from tasks.datapath.keys import (
     load_public_key,
     public_keys_for_anonymize,
 )
+from tasks.datapath.ray_actor import why_worker_died
 from tasks.datapath.seal import QUALITIES
 from tasks.datapath.segments import anonymize_split, split_plan
 from tasks.datapath.video_loop import PipelineSettings
@@ -111,8 +112,8 @@ def anonymize_one(source: Path, output: Path, video_id: str, pool: ActorPool, re
                 record = ray.get(actor.anonymize.remote(str(source), str(output), recipients, video_id,
                                                          run_id, catalog_root))
     except ray.exceptions.RayActorError as err:
-        logger.warning("%s: the worker died mid-video (%s); its partial output is removed and the video "
-                       "retried on a fresh worker", source.name, str(err).splitlines()[0] if str(err) else err)
+        logger.warning("%s: the worker died mid-video, %s. Its partial output is removed and the video "
+                       "retried on a fresh worker", source.name, why_worker_died(err))
         clear_attempt(catalog, run_id, video_id, output)
         raise
     except Exception as err:  # the video's own work failed (on a worker, or joining a split video's parts)

@@ -44,6 +44,7 @@ from flows.runtime import (
 )
 from tasks.datapath.encode import LOSSLESS_CODECS
 from tasks.datapath.keys import DEFAULT_PRIVATE_KEY, AuthorityPrivateKey, KeyFileError, load_private_key
+from tasks.datapath.ray_actor import why_worker_died
 from tasks.datapath.video_loop import PipelineSettings
 
 SUMMARY_COLUMNS = [("name", "video"), ("frames", "frames"), ("faces", "faces"), ("sequences", "sequences"),
@@ -81,8 +82,8 @@ def reconstruct_one(public: Path, output: Path, pool: ActorPool, private_key: Au
         logger.error("%s %s: %s", public, row["status"], row["error"])
     except ray.exceptions.RayActorError as err:
         # Every attempt is audited, this one too, before Prefect retries on a fresh worker.
-        logger.warning("%s: the worker died mid-file (%s); retried on a fresh worker", public.name,
-                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        logger.warning("%s: the worker died mid-file, %s. Retried on a fresh worker", public.name,
+                       why_worker_died(err))
         finished = utc_now()
         append_audit_row(CatalogStore(catalog_root), dict(
             row, video_id=source["video_id"] if source else "unknown", status="interrupted",

@@ -22,7 +22,7 @@ import ray
 from catalogs import CatalogStore, utc_now
 from tasks.datapath.decode import VideoDecodeError
 from tasks.datapath.keys import EnvelopeError, KeyFileError, NotARecipientError
-from tasks.datapath.ray_actor import FaceWorker
+from tasks.datapath.ray_actor import FaceWorker, sweep_vitals
 from tasks.datapath.reconstruct import NothingToRestore
 from tasks.datapath.video_loop import PipelineSettings
 
@@ -217,6 +217,7 @@ class ActorPool:
 
     def __init__(self, settings: PipelineSettings, workers: int | None = None,
                  gpus_per_worker: float = 0.5, cpus_per_worker: int | None = None) -> None:
+        sweep_vitals()  # the crash and memory files of long-dead actors (ray_actor.why_worker_died reads them)
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 1))
         if gpus > 0:
@@ -248,8 +249,8 @@ class ActorPool:
         try:
             yield actor
         except ray.exceptions.RayActorError:
-            # The actor died (out of memory, killed, a native crash: its faulthandler stack is in
-            # the log above): replace it so the pool keeps its size.
+            # The actor died (out of memory, killed, a native crash: the caller logs which, from
+            # ray_actor.why_worker_died): replace it so the pool keeps its size.
             actor = self._spawn()
             raise
         finally:

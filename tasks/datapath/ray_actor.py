@@ -7,7 +7,13 @@ The only module of `tasks/` that imports Ray.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,6 +39,110 @@ from tasks.datapath.video_loop import PipelineSettings
 from tasks.judges import SFaceJudge
 
 
+# Each actor leaves two small files here, named by its Ray actor id, so that the driver can
+# say why a worker died: Ray itself cannot tell a SIGKILL from a segfault ("connection error
+# code 2"), and the kernel's OOM message is not readable inside a container.
+VITALS_DIR = Path(tempfile.gettempdir()) / f"uunet-workers-{os.getuid()}"
+VITALS_EVERY_S = 1.0
+LOW_MEMORY_FRACTION = 0.05  # the machine's available memory under this share of it: a memory death
+STALE_VITALS_S = 24 * 3600  # a dead actor's files are kept a day for whoever reads the log late
+
+
+def vitals_paths(actor_id: str) -> tuple[Path, Path]:
+    """(faulthandler's stack dump, the last memory sample) of one actor."""
+    return VITALS_DIR / f"{actor_id}.crash", VITALS_DIR / f"{actor_id}.vitals"
+
+
+def memory_sample() -> dict[str, Any] | None:
+    """This process's resident memory and the machine's available and total memory, in bytes
+    (Linux /proc; None elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    kib = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB", status + meminfo, re.M)}
+    if not {"VmRSS", "MemAvailable", "MemTotal"} <= kib.keys():
+        return None
+    return {"time": time.time(), "pid": os.getpid(), "rss": kib["VmRSS"], "available": kib["MemAvailable"],
+            "total": kib["MemTotal"]}
+
+
+class WorkerVitals:
+    """Inside an actor: faulthandler writes a native crash's stacks to the actor's crash file,
+    and a daemon thread rewrites its memory sample every `VITALS_EVERY_S` seconds."""
+
+    def __init__(self, actor_id: str) -> None:
+        VITALS_DIR.mkdir(mode=0o700, exist_ok=True)
+        crash, self.path = vitals_paths(actor_id)
+        self._crash = crash.open("w", encoding="utf-8")  # kept open: faulthandler writes to its fd
+        faulthandler.enable(file=self._crash, all_threads=True)
+        threading.Thread(target=self._sample_forever, name="uunet-vitals", daemon=True).start()
+
+    def _sample_forever(self) -> None:
+        partial = self.path.with_suffix(".vitals.tmp")
+        while True:
+            sample = memory_sample()
+            if sample is not None:
+                partial.write_text(json.dumps(sample), encoding="utf-8")
+                os.replace(partial, self.path)  # the reader never sees half a sample
+            time.sleep(VITALS_EVERY_S)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def why_worker_died(err: BaseException, now: float | None = None) -> str:
+    """One line (plus a native crash's stack) on why the actor behind `err` (a RayActorError) died.
+
+    Read from the files the actor left on this machine; an actor on another node left them
+    there, and the line says so.
+    """
+    text = str(err)
+    if "memory monitor" in text or "low on memory" in text:
+        return "killed by Ray's memory monitor: the machine ran low on memory"
+    actor_id = getattr(err, "actor_id", None)
+    if not actor_id:
+        return f"no actor id in Ray's error: {text.splitlines()[0] if text else type(err).__name__}"
+    crash_path, vitals_path = vitals_paths(actor_id)
+    crash = crash_path.read_text(encoding="utf-8", errors="replace") if crash_path.exists() else ""
+    fatal = re.search(r"^Fatal Python error: (.+)$", crash, re.M)
+    if fatal:
+        current = crash[crash.find("Current thread"):] if "Current thread" in crash else crash
+        frames = [line.strip() for line in current.splitlines() if line.strip().startswith("File ")]
+        # The innermost frame of our own code says more than Ray's or torch's.
+        ours = [f for f in frames if "site-packages" not in f and "/lib/python" not in f]
+        where = f" at {(ours or frames)[0]}" if frames else ""
+        stack = "\n".join(frames[:12])
+        return f"a native crash ({fatal.group(1)}){where}; every thread's stack is in {crash_path}\n{stack}"
+    try:
+        sample = json.loads(vitals_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no crash stack and no memory record on this machine (ran on another node? see {VITALS_DIR} there)"
+    age = (now if now is not None else time.time()) - sample["time"]
+    held = (f"it held {_gb(sample['rss'])}, the machine had {_gb(sample['available'])} of {_gb(sample['total'])} "
+            f"free {age:.0f} s before")
+    if sample["available"] < LOW_MEMORY_FRACTION * sample["total"]:
+        return f"killed, most likely for memory (the kernel's OOM killer): {held}"
+    return f"killed from outside, without a crash stack (SIGKILL, `ray stop`, a lost node): {held}"
+
+
+def sweep_vitals(now: float | None = None) -> None:
+    """Remove the files of actors whose memory sample stopped more than `STALE_VITALS_S` ago
+    (a live actor rewrites its sample every second; its crash file stays empty, never touched)."""
+    if not VITALS_DIR.is_dir():
+        return
+    limit = (now if now is not None else time.time()) - STALE_VITALS_S
+    for vitals in VITALS_DIR.glob("*.vitals"):
+        try:
+            if vitals.stat().st_mtime < limit:
+                vitals.unlink()
+                vitals.with_suffix(".crash").unlink(missing_ok=True)
+        except FileNotFoundError:  # another pool swept it first
+            pass
+
+
 def _pick_device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -48,8 +158,13 @@ class FaceWorkerImpl:
         import torch
 
         # A native crash (decoder, torch, ffmpeg bindings) otherwise kills the worker without a
-        # word; this prints every thread's Python stack to its stderr, which Ray forwards to the log.
-        faulthandler.enable(all_threads=True)
+        # word: as a Ray actor its stacks go to a file the driver reads (why_worker_died); run
+        # in-process (tests), to stderr.
+        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        if actor_id:
+            self._vitals = WorkerVitals(actor_id)
+        else:
+            faulthandler.enable(all_threads=True)
 
         self.settings = settings
         if settings.torch_threads > 0:

@@ -1,12 +1,18 @@
 """Faults around the flows: a second run on one folder, a run that dies, a transient failure
-(retried by the next run) against a permanent one (not), leftovers of a dead writer."""
+(retried by the next run) against a permanent one (not), leftovers of a dead writer, a worker
+killed mid-file."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import pandas as pd
@@ -16,9 +22,19 @@ from prefect.artifacts import Artifact
 import flows
 import flows.anonymize
 from catalogs import CatalogStore, new_run_id, utc_now
+from catalogs.audit import verify_audit_chain
 from flows.anonymize import anonymize_archive
-from flows.runtime import OutputFolderBusy, close_stale_runs, failure_status, markdown_table, output_folder_lock
-from tasks.datapath.decode import VideoDecodeError
+from flows.reconstruct import reconstruct_streams
+from flows.runtime import (
+    OutputFolderBusy,
+    close_stale_runs,
+    failure_status,
+    hidden_partials,
+    markdown_table,
+    output_folder_lock,
+)
+from tasks.datapath.catalog_check import check_output_folder
+from tasks.datapath.decode import VideoDecodeError, probe
 from tasks.datapath.encode import VideoEncodeError
 from tasks.datapath.keys import write_key_pair
 from tasks.datapath.reconstruct import NothingToRestore
@@ -135,3 +151,107 @@ def test_worker_log_prefixes_are_not_coloured_when_the_log_is_a_file(tmp_path) -
     text = log.read_text()
     assert "prefix colour 0" in text and "hello from a worker" in text
     assert "\x1b[" not in text
+
+
+def _busy_worker_pid(method: str) -> int | None:
+    """The actor process running `method` now: Ray titles it `ray::FaceWorkerImpl.<method>`."""
+    title = f"ray::FaceWorkerImpl.{method}".encode()
+    for proc in Path("/proc").iterdir():
+        with suppress(OSError):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title):
+                return int(proc.name)
+    return None
+
+
+def _kill_mid_file(folder: Path, method: str, sig: int) -> dict[str, int]:
+    """Start a thread that sends `sig` to the worker once its hidden partial output appears under `folder`."""
+    killed: dict[str, int] = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pid = _busy_worker_pid(method) if hidden_partials(folder) else None
+            if pid:
+                os.kill(pid, sig)
+                killed["pid"] = pid
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_worker_that_dies_mid_file_is_diagnosed_and_each_video_ends_once(clips, tmp_path, prefect_harness,
+                                                                           ray_session) -> None:
+    import imageio_ffmpeg
+
+    archive, out, restored = tmp_path / "archive", tmp_path / "out", tmp_path / "restored"
+    archive.mkdir()
+    # 96 frames of 176×144: the worker is killed as soon as it writes, a few seconds before it would finish.
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-stream_loop", "5", "-i", str(clips["carphone"]),
+                    "-c", "copy", str(archive / "hall.mp4")], check=True)
+    key = _key(tmp_path)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("prefect").addHandler(handler)
+    try:
+        killed = _kill_mid_file(out / "public", "anonymize", signal.SIGSEGV)
+        (row,) = anonymize_archive(str(archive), str(out), public_keys=[str(key)], model="keyed-permutation",
+                                   workers=1)
+        assert killed, "the worker was killed mid-video"
+        assert row["status"] == "done" and row["frame_count"] == 96
+        # The log says why the video was retried: faulthandler's stack, read back from the actor's file.
+        (why,) = [m for m in messages if "died mid-video" in m]
+        assert "a native crash (Segmentation fault)" in why and "retried on a fresh worker" in why
+        killed = _kill_mid_file(restored, "reconstruct", signal.SIGKILL)
+        (restore,) = reconstruct_streams(str(out / "public"), str(restored), private_key=str(key.with_suffix(".key")),
+                                         model="keyed-permutation", workers=1)
+        assert killed, "the worker was killed mid-restore"
+        (why,) = [m for m in messages if "died mid-file" in m]
+        assert "killed from outside, without a crash stack" in why and "GB free" in why
+    finally:
+        logging.getLogger("prefect").removeHandler(handler)
+    assert restore["status"] == "done" and probe(restored / "reconstructed" / "hall.mkv").frame_count == 96
+    catalog = CatalogStore(out / "catalogs")
+    videos = catalog.read("videos")
+    assert list(videos["status"]) == ["done"]  # done exactly once, no row of the killed attempt
+    rois = catalog.read("rois")
+    assert sorted(rois["frame_index"]) == list(range(96))  # one face a frame, nothing of the first attempt
+    assert not hidden_partials(out) and not hidden_partials(restored)
+    assert check_output_folder(out) == []
+    audit = CatalogStore(restored / "catalogs").read("audit")  # every attempt audited, the killed one too
+    assert list(audit["status"]) == ["interrupted", "done"] and "worker died" in audit["error"].iloc[0]
+    assert verify_audit_chain(CatalogStore(restored / "catalogs")) is None
+
+
+class _DeadActor(Exception):
+    """What Ray raises when an actor dies: its text, and the dead actor's id."""
+
+    def __init__(self, text: str, actor_id: str | None) -> None:
+        super().__init__(text)
+        self.actor_id = actor_id
+
+
+def test_a_death_is_put_down_to_memory_only_when_the_machine_was_nearly_out_of_it(tmp_path, monkeypatch) -> None:
+    import json
+
+    from tasks.datapath import ray_actor
+
+    monkeypatch.setattr(ray_actor, "VITALS_DIR", tmp_path)
+    gib = 2**30
+    crash, vitals = ray_actor.vitals_paths("a1")
+    crash.write_text("")  # faulthandler wrote nothing: no native crash
+    vitals.write_text(json.dumps({"time": 100.0, "pid": 7, "rss": 20 * gib, "available": 1 * gib, "total": 24 * gib}))
+    why = ray_actor.why_worker_died(_DeadActor("The actor died unexpectedly", "a1"), now=103.0)
+    # 1 GB of 24 is under the 5 % line: the kernel's OOM killer is the likely cause.
+    assert why == ("killed, most likely for memory (the kernel's OOM killer): it held 20.0 GB, the machine had "
+                   "1.0 GB of 24.0 GB free 3 s before")
+    vitals.write_text(json.dumps({"time": 100.0, "pid": 7, "rss": 2 * gib, "available": 2 * gib, "total": 24 * gib}))
+    assert ray_actor.why_worker_died(_DeadActor("", "a1"), now=101.0).startswith("killed from outside")
+    assert "memory monitor" in ray_actor.why_worker_died(_DeadActor("... the node running low on memory ...", "a1"))
+    assert "another node" in ray_actor.why_worker_died(_DeadActor("", "elsewhere"))
+    # A day after the last sample, the dead actor's files go; a live one's stay.
+    os.utime(vitals, (0, 0))
+    ray_actor.vitals_paths("live")[1].write_text("{}")
+    ray_actor.sweep_vitals()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.vitals"]
