@@ -25,7 +25,8 @@ def test_matcher_then_uunet_flows_write_weights_metrics_and_samples(corpus, tmp_
     assert matcher.is_file() and result["step"] == 3
     weights = tmp_path / "uunet.pt"
     result = train_uunet_flow(corpus_dir=str(corpus), matcher=str(matcher), out=str(weights), steps=2,
-                              control="-1,1,0", device="cpu", samples_every=1, metrics_every=1)
+                              control="-1,1,0", device="cpu", samples_every=1, metrics_every=1,
+                              batch_subjects=2)  # 16 faces a step: the flow's plumbing is under test, not learning
     assert result["step"] == 2
     assert load_face_pair("uunet", weights).name == "uunet"
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
@@ -40,7 +41,7 @@ def test_matcher_then_uunet_flows_write_weights_metrics_and_samples(corpus, tmp_
     # The sealed default's public-only U_e, fine-tuned from that pair: U_e alone, no U_d to restore with.
     public = tmp_path / "uunet-public.pt"
     result = train_uunet_flow(corpus_dir=str(corpus), matcher=str(matcher), out=str(public), steps=1, device="cpu",
-                              samples_every=1, metrics_every=1, init=str(weights), public=True)
+                              samples_every=1, metrics_every=1, init=str(weights), public=True, batch_subjects=2)
     assert result["step"] == 1 and load_face_pair("uunet", public).decoder is None
     losses = set(CatalogStore(corpus / "catalogs").read("metrics")["metric"])
     assert {"loss_noise", "loss_grid"} <= losses and "loss_face" not in losses  # the recipe's face weight is 0
