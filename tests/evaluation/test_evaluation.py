@@ -163,7 +163,7 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
                       clips=[str(clips["wolfgang"]), str(clips["carphone"])], corpus=str(corpus),
                       max_sequences=4, frames_per_sequence=2, variants=[str(tmp_path / "keep-gender.pt")],
                       codec_clip=str(clips["carphone"]), codec_frames=8, codec_settings=["ffv1", "x264-crf23"],
-                      readme=str(readme))
+                      readme=str(readme), sealed_qualities=["high"])  # exact: test_anonymize_reconstruct
     report = (out / "report.html").read_text()
     assert "blur" in report and "superpixel" in report and "x264-crf23" in report and "keep-gender" in report
     for png in ("decision_environments_footage.png", "roc_footage.png", "decision_environments_faces.png",
@@ -186,16 +186,14 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     assert "The public face per mode" in report
     assert [row["setting"] for row in summary["codec"]] == ["ffv1", "x264-crf23"]
     assert summary["codec"][0]["payload_recovery"] == 1.0
-    high, exact = summary["sealed"]  # the sealed path through the real modules, beside the learned one
-    assert (high["quality"], exact["quality"]) == ("high", "exact") and high["faces"] == exact["faces"] > 0
-    assert exact["exact_fraction"] == 1.0 and exact["psnr_db"] is None  # inf: strict JSON null
+    (high,) = summary["sealed"]  # the sealed path through the real modules, beside the learned one
+    assert high["quality"] == "high" and high["faces"] > 0 and high["exact_fraction"] < 1.0
     assert high["psnr_db"] >= 42 and high["sface_same"] == 1.0 and high["judged"] > 0 and high["chunks_failed"] == 0
     # The same ROIs as released: the blended public face is not the person the restored one is.
     assert high["public_sface_same"] < high["sface_same"] and high["public_dlib_same"] < high["dlib_same"]
     # One contact sheet per clip for the first mode, shown in the report: three tiles per row.
     sheets = [Path(p) for p in high["contact_sheets"]]
     assert [p.name for p in sheets] == [f"contact-{clips[c].stem}.png" for c in ("wolfgang", "carphone")]
-    assert exact["contact_sheets"] == []
     for sheet in sheets:
         assert sheet.parent == out / "sheets" and f"sheets/{sheet.name}" in report
         with Image.open(sheet) as image:
@@ -214,7 +212,7 @@ def test_evaluate_flow_writes_report_summary_and_metrics(prefect_harness, clips,
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{README_END}\nafter\n") and "old table" not in text
     assert (out / "headline.md").read_text() in text and "| measure | x | ours | blur | superpixel |" in text
-    assert "**Reversal from the sealed originals**" in text and "| sealed (exact) | h264 |" in text
+    assert "**Reversal from the sealed originals**" in text and "| sealed (high) | h264 |" in text
 
 
 def test_sequence_environment_pairs_other_sequences_of_one_subject():

@@ -24,7 +24,7 @@ from tasks.datapath.video_loop import PipelineSettings
 from tasks.evaluation.evaluate import Judges, compare_controls, control_label, evaluate_methods
 from tasks.evaluation.held_out import CONTEXT_GREY, in_context
 from tasks.evaluation.labelled_faces import gallery_id, run_split, select_split, write_gallery
-from tasks.judges import DlibJudge, GenderJudge, SFaceJudge, YuNetDetector
+from tasks.judges import GenderJudge, SFaceJudge, YuNetDetector
 from tasks.training.corpus import faces_from_footage, load_face_images
 
 ROI_SCALE = 1.3
@@ -124,12 +124,13 @@ def test_split_runs_through_both_modules_and_reads_faces_back(split_run):
 
 def test_split_faces_go_through_every_measure_and_controls_compare_pairs(split_run, detector):
     _, faces, _ = split_run
-    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge(), DlibJudge())
+    # Without dlib (0.2 s a face here): its rows on a split are the evaluate flow test's.
+    judges = Judges(detector, SFaceJudge(detector=YuNetDetector()), GenderJudge())
     results = evaluate_methods(faces, {}, judges, ROI_SCALE)
     ref, ours = results["original"].metrics, results["ours"].metrics
-    for name in ("x_x_d_prime", "dlib_x_x_d_prime", "gender_label_agreement"):
+    for name in ("x_x_d_prime", "gender_label_agreement"):
         assert math.isfinite(ref[name].value), name
-    for name in ("x_a_auc", "dlib_x_a_auc", "temporal_d_prime", "gender_label_agreement", "psnr_x_r",
+    for name in ("x_a_auc", "temporal_d_prime", "gender_label_agreement", "psnr_x_r",
                  "diversity_seq_d_prime", "diversity_seq_same_rate"):
         assert math.isfinite(ours[name].value), name
     # The judge calls the Wolfgang woman female (model card: p_male <= 0.08), against the
