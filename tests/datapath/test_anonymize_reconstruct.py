@@ -58,10 +58,13 @@ def key() -> DataKey:
     return DataKey(b"plumbing test data key......1234")
 
 
+# release_check_frames=4 below: these tests are about the data path; the release check has its
+# own (test_release_check.py), and on every frame of a keyed-permutation clip it took most of their time.
 @pytest.fixture(scope="module")
 def permutation_run(clips, key, tmp_path_factory):
     out = tmp_path_factory.mktemp("plumbing")
-    settings = PipelineSettings(model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="x264rgb",
+    settings = PipelineSettings(release_check_frames=4,
+                                model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="x264rgb",
                                 seal="none")
     swapper = PERMUTATION
     video_id = "c0ffee" * 10 + "abcd"
@@ -167,7 +170,7 @@ def test_restore_record_reports_payloads_and_psnr(permutation_run):
 
 
 def test_a_key_that_is_no_recipient_restores_nothing_and_writes_nothing(permutation_run, tmp_path):
-    settings = PipelineSettings(model="keyed-permutation", batch_size=8)
+    settings = PipelineSettings(release_check_frames=4, model="keyed-permutation", batch_size=8)
     with pytest.raises(NotARecipientError) as error:
         reconstruct_video(permutation_run["out"] / "public.mkv", tmp_path / "wrong.mkv", private_key=STRANGER,
                           swapper=PERMUTATION, settings=settings, progress=False)
@@ -176,7 +179,8 @@ def test_a_key_that_is_no_recipient_restores_nothing_and_writes_nothing(permutat
 
 
 def test_a_forged_frame_is_left_as_it_is_and_counted(permutation_run, key, tmp_path):
-    settings = PipelineSettings(model="keyed-permutation", batch_size=8, public_format="x264rgb")
+    settings = PipelineSettings(release_check_frames=4,
+                                model="keyed-permutation", batch_size=8, public_format="x264rgb")
     frames = permutation_run["public"].copy()
     # Re-sign frame 3's payload under another key: authentic-looking, but not this video's.
     envelope, payload = stego.read_envelope(frames[3])
@@ -197,7 +201,8 @@ def test_a_forged_frame_is_left_as_it_is_and_counted(permutation_run, key, tmp_p
 def test_frames_spliced_in_from_another_video_are_counted_not_fatal(permutation_run, tmp_path):
     """Another video's frames at 0 and 5, its envelope open to the same authority: the worst case,
     since frame 0's envelope alone would unwrap the other video's key."""
-    settings = PipelineSettings(model="keyed-permutation", batch_size=8, public_format="x264rgb")
+    settings = PipelineSettings(release_check_frames=4,
+                                model="keyed-permutation", batch_size=8, public_format="x264rgb")
     frames = permutation_run["public"].copy()
     other_id, other_key = "feed" * 16, DataKey(b"x" * 32)
     other_envelope = envelope_to_bytes(wrap_data_key(other_key, [AUTHORITY.public], other_id))
@@ -226,7 +231,7 @@ def test_unet_weights_file_loads_and_anonymizes_a_real_clip(clips, key, tmp_path
     encoder, decoder = build_pair("uunet", {"widths": [8, 16, 32, 64]})
     weights = save_face_pair(tmp_path / "tiny.pt", "uunet", encoder, decoder, {"widths": [8, 16, 32, 64]})
     swapper = FaceSwapper(load_face_pair("uunet", weights))
-    settings = PipelineSettings(model="uunet", weights=str(weights), batch_size=8)
+    settings = PipelineSettings(release_check_frames=4, model="uunet", weights=str(weights), batch_size=8)
     settings = PipelineSettings(**{**settings.__dict__, "public_format": "x264rgb"})
     record = anonymize_video(clips["carphone"], tmp_path / "pub.mkv", recipients=[AUTHORITY.public],
                              video_id="ab" * 32, detector=FaceDetector(batch_size=8), swapper=swapper,
@@ -246,7 +251,8 @@ def test_odd_sized_footage_round_trips(clips, key, tmp_path):
     odd = tmp_path / "odd.mp4"
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(clips["carphone"]),
                     "-vf", "scale=175:143", "-c:v", "libx264rgb", "-qp", "0", str(odd)], check=True)
-    settings = PipelineSettings(batch_size=8, seal="exact")  # h264: an odd size keeps full chroma
+    settings = PipelineSettings(release_check_frames=4,
+                                batch_size=8, seal="exact")  # h264: an odd size keeps full chroma
     record = anonymize_video(odd, tmp_path / "pub.mkv", recipients=[AUTHORITY.public], video_id="0d" * 32,
                              detector=FaceDetector(batch_size=8), swapper=PERMUTATION, settings=settings,
                              run_id="r", progress=False)
@@ -260,7 +266,7 @@ def test_odd_sized_footage_round_trips(clips, key, tmp_path):
 
 def test_the_bundled_weights_anonymize_and_restore_a_real_clip(clips, key, tmp_path):
     """The default model (the trained U-Nets of models/weights/, see MODEL_CARD.md), on its learned path."""
-    settings = PipelineSettings(batch_size=8, public_format="x264rgb", seal="none")
+    settings = PipelineSettings(release_check_frames=4, batch_size=8, public_format="x264rgb", seal="none")
     assert settings.model == "uunet"
     swapper = FaceSwapper(load_face_pair(settings.model, None))
     record = anonymize_video(clips["wolfgang"], tmp_path / "pub.mkv", recipients=[AUTHORITY.public],
@@ -339,7 +345,8 @@ def test_a_lossy_file_stripped_of_its_sealed_data_has_nothing_to_restore(release
 
 
 def test_exact_sealing_restores_every_roi_pixel_and_a_stripped_lossless_file_falls_back(clips, key, tmp_path):
-    settings = PipelineSettings(model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="ffv1",
+    settings = PipelineSettings(release_check_frames=4,
+                                model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="ffv1",
                                 seal="exact")
     record = anonymize_video(clips["wolfgang"], tmp_path / "pub.mkv", recipients=[AUTHORITY.public],
                              video_id="e1" * 32, detector=FixedBoxDetector(), swapper=PERMUTATION,
@@ -360,7 +367,8 @@ def test_with_sealed_originals_the_public_face_covers_only_the_face_region(clips
     """Sealed: the public face is blended over the face region and the rest of the box stays the source."""
     from tasks.datapath.track import face_region
 
-    settings = PipelineSettings(model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="x264rgb",
+    settings = PipelineSettings(release_check_frames=4,
+                                model="keyed-permutation", roi_scale=1.0, batch_size=8, public_format="x264rgb",
                                 seal="exact")
     anonymize_video(clips["wolfgang"], tmp_path / "pub.mkv", recipients=[AUTHORITY.public], video_id="e2" * 32,
                     detector=FixedBoxDetector(), swapper=PERMUTATION, settings=settings, run_id="r",
