@@ -33,11 +33,12 @@ from flows.runtime import (
     clear_attempt,
     failure_status,
     format_table,
-    public_name,
+    public_names,
     publish_summary,
     prestart_pool,
     run_in_output_folder,
     scan_videos,
+    written_public_names,
     worker_pool,
 )
 from tasks.datapath.encode import VIDEO_FORMATS
@@ -214,15 +215,17 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
     """Scan, skip what is done (or failed for good), and fan the rest out to the actors."""
     sources = scan_videos(archive, exclude=[out])
     known = catalog.latest_video_status()
+    video_ids = [file_content_hash(source) for source in sources]
+    names = public_names([s.relative_to(archive) for s in sources], video_ids,
+                         written_public_names(catalog, public_root))
     jobs, skipped, seen = [], [], set()
-    for source in sources:
-        video_id = file_content_hash(source)
+    for source, video_id, name in zip(sources, video_ids, names):
         status = known.get(video_id)
         if video_id in seen or status in VIDEO_SUCCESS_STATUSES or (status == "failed" and not retry_failed):
             skipped.append((source, f"{status} before" if status else "same content as another file"))
             continue
         seen.add(video_id)
-        jobs.append((source, public_root / public_name(source.relative_to(archive)), video_id))
+        jobs.append((source, public_root / name, video_id))
     logger.info("%d videos found, %d to anonymize, %d skipped as seen before (run %s)",
                 len(sources), len(jobs), len(skipped), run_id)
 

@@ -4,6 +4,7 @@ cleared, and failures told apart (the input's fault, or the run's)."""
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 import ray
 
-from catalogs import CatalogStore, utc_now
+from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, utc_now
 from tasks.datapath.decode import VideoDecodeError
 from tasks.datapath.keys import EnvelopeError, KeyFileError, NotARecipientError
 from tasks.datapath.ray_actor import FaceWorker, sweep_vitals
@@ -146,8 +147,8 @@ def clear_attempt(catalog: CatalogStore, run_id: str, video_id: str, output: Pat
     for table in ("rois", "sequences"):
         catalog.remove_parts(table, run_id, video_id)
 
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
-                  ".wmv", ".flv", ".3gp", ".y4m"}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".vob", ".ts", ".mts", ".m2ts",
+                  ".wmv", ".asf", ".flv", ".3gp", ".y4m"}
 
 
 def scan_videos(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
@@ -277,9 +278,34 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
-def public_name(relative: Path) -> Path:
-    """The public stream keeps the source's relative path; the container is always Matroska."""
-    return relative.with_suffix(".mkv")
+def public_name(relative: Path, clashes: bool = False) -> Path:
+    """The public stream keeps the source's relative path; the container is always Matroska.
+
+    Where another video would get the same name (door.mp4 beside door.avi, or a name an
+    earlier run gave another video), the source's suffix stays in it: door.avi.mkv.
+    """
+    return relative.with_name(relative.name + ".mkv") if clashes else relative.with_suffix(".mkv")
+
+
+def written_public_names(catalog: CatalogStore, public_root: Path) -> dict[Path, str]:
+    """Relative public path -> video id, for every video the catalog records as written there."""
+    videos = catalog.read("videos", columns=["video_id", "status", "output_path"])
+    root = public_root.resolve()
+    written = {}
+    for video_id, status, output in zip(videos["video_id"], videos["status"], videos["output_path"]):
+        if status in VIDEO_SUCCESS_STATUSES and isinstance(output, str) and Path(output).resolve().is_relative_to(root):
+            written[Path(output).resolve().relative_to(root)] = str(video_id)
+    return written
+
+
+def public_names(relatives: Sequence[Path], video_ids: Sequence[str], written: dict[Path, str]) -> list[Path]:
+    """`public_name` of each source, `clashes` worked out: two sources of this scan on one
+    plain name, or the plain name already written for another video (`written`: relative
+    public path -> the video id it holds)."""
+    plain = [public_name(r) for r in relatives]
+    counts = collections.Counter(plain)
+    return [public_name(r, counts[name] > 1 or written.get(name, video_id) != video_id)
+            for r, name, video_id in zip(relatives, plain, video_ids)]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

@@ -15,7 +15,10 @@ check misjudges, each settled here in `probe`:
   on one) and such a file is refused with a clear error;
 - display rotation (an mp4 display matrix, or a legacy `rotate` tag): decord
   already turns frames upright for multiples of 90 degrees, so every size here is
-  the upright one and the outputs are written upright, with no rotation tag.
+  the upright one and the outputs are written upright, with no rotation tag;
+- containers without a frame index (MPEG transport and program streams, WMV):
+  decord's seeks land on other frames than the ones it names, so these files are
+  probed and read with PyAV, front to back (`FRONT_TO_BACK_FORMATS`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import ctypes.util
 import re
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +46,13 @@ _DURATION_TAG = re.compile(r"^\s*DURATION\s*:\s*(\d+):(\d+):(\d+(?:\.\d+)?)\s*$"
 # A frame whose start differs from i / fps by more than this is not on the constant-rate
 # grid: above the rounding of Matroska's millisecond (and mp4's finer) time bases.
 FRAME_TIME_TOLERANCE_S = 0.0015
+# Demuxers (PyAV's `format.name`) that keep no index of frames: decord seeks in them by
+# timestamp and lands elsewhere. Measured on clips made from the samples with our ffmpeg:
+# MPEG-2 in .ts, .mpg and .vob, and WMV came back with frames shifted by up to 8 and status
+# done; H.264 in .ts failed at frame 0; a .ts spliced from two recordings came back as the
+# second recording, then its last frame 20 times. mp4, mov, mkv, webm, avi, flv and y4m
+# read back frame for frame. These are read with PyAV, front to back, instead.
+FRONT_TO_BACK_FORMATS = frozenset({"mpegts", "mpeg", "asf", "mpegvideo"})
 # decord prefixes its messages with "[hh:mm:ss] /source/file.cc:123: ", once per re-raise.
 _DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
@@ -145,13 +156,27 @@ def _decord_reason(err: BaseException) -> str:
     return _DECORD_PREFIX.sub("", text.splitlines()[0]) if text else type(err).__name__
 
 
-def _open(path: str | Path) -> VideoReader:
-    """Open with decord, turning its failures into a VideoDecodeError that says why."""
+def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file (0 bytes), not a video")
+    return path
+
+
+def reads_front_to_back(path: str | Path) -> bool:
+    """Whether the file's container is one of `FRONT_TO_BACK_FORMATS` (read with PyAV, not decord)."""
+    try:
+        with av.open(str(_check_file(path))) as container:
+            return bool(FRONT_TO_BACK_FORMATS & set(container.format.name.split(",")))
+    except av.FFmpegError:
+        return False  # not a video PyAV can open: decord's errors say what is wrong with it
+
+
+def _open(path: str | Path) -> VideoReader:
+    """Open with decord, turning its failures into a VideoDecodeError that says why."""
+    path = _check_file(path)
     try:
         return VideoReader(str(path), ctx=cpu(0))
     except AssertionError as err:  # decord asserts a positive frame count
@@ -214,14 +239,80 @@ def keyframe_sizes(path: str | Path) -> list[tuple[int, int]]:
 
 
 def keyframe_indices(path: str | Path) -> tuple[list[int], int]:
-    """The frames a decoder can start from, and the number of frames (the container's index: no decoding)."""
+    """The frames a decoder can start from, and the number of frames (the container's index: no decoding).
+
+    A file read front to back has only frame 0 to start from, as far as this project goes;
+    its frames are counted from the demuxed packets (no decoding: a plan needs no more).
+    """
+    if reads_front_to_back(path):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return [0], sum(1 for packet in container.demux(stream) if packet.size)
     reader = _open(path)
     return sorted(int(k) for k in reader.get_key_indices()), len(reader)
+
+
+def _refuse_size_changes(path: str | Path, sizes: list[tuple[int, int]]) -> None:
+    """sizes: (width, height) of each stretch of the stream, in order."""
+    if len(sizes) > 1:
+        changes = ", then ".join(f"{w}x{h}" for w, h in sizes)
+        raise VideoDecodeError(
+            f"{path}: the frame size changes mid-stream ({changes}); decoding would return every "
+            f"frame at the first size. Re-encode it to one size (e.g. ffmpeg -vf scale=W:H) first"
+        )
+
+
+def _probe_front_to_back(path: str | Path) -> VideoInfo:
+    """`probe` for `FRONT_TO_BACK_FORMATS`: one PyAV pass over the decoded frames, without
+    converting them, gives the frame count, each frame's time and every frame size."""
+    times: list[float] = []
+    sizes: list[tuple[int, int]] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            # Times from the container's start, which ffmpeg subtracts from every stream it
+            # copies: the audio taken from the source stays in step with these frames.
+            origin = (container.start_time or 0) / 1e6
+            for frame in container.decode(stream):
+                upright = (frame.width, frame.height)[::1 if _display_turns(frame, stream) % 2 == 0 else -1]
+                if not sizes or sizes[-1] != upright:
+                    sizes.append(upright)
+                step = 1 / rate if rate > 0 else 0.04
+                times.append(frame.time - origin if frame.time is not None else
+                             (times[-1] + step if times else 0.0))
+    except (av.FFmpegError, IndexError) as err:
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {len(times)} ({err})") from err
+    if not times:
+        raise VideoDecodeError(f"{path}: zero frames")
+    _refuse_size_changes(path, sizes)
+    starts = np.asarray(times, dtype=np.float64)
+    if rate <= 0:
+        rate = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 and starts[-1] > starts[0] else 25.0
+    # Times that do not increase (a recorder's clock set back mid-file) cannot be kept: the
+    # frames then go out on the constant grid, every one of them still in its place.
+    monotonic = bool((np.diff(starts) > 0).all()) and starts[0] >= 0
+    _, lines = _ffmpeg_report(path)
+    (width, height) = sizes[0]
+    return VideoInfo(
+        path=str(path),
+        width=width,
+        height=height,
+        frame_count=len(starts),
+        fps=rate,
+        fps_rational=fps_to_rational(rate),
+        audio_streams=_stream_kinds(lines).count("Audio"),
+        duration_s=float(starts[-1]) + 1 / rate if monotonic else len(starts) / rate,
+        frame_times=off_grid_frame_times(starts, rate) if monotonic else None,
+    )
 
 
 def probe(path: str | Path) -> VideoInfo:
     """Metadata of a video; raises VideoDecodeError for anything that is not a complete video
     with one frame size."""
+    if reads_front_to_back(path):
+        return _probe_front_to_back(path)
     reader = _open(path)
     frame_count = len(reader)
     height, width = _frame_size(reader, path)
@@ -237,13 +328,7 @@ def probe(path: str | Path) -> VideoInfo:
             f"{path}: truncated/corrupt at frame {frame_count}: the video track declares "
             f"{declared:.3f} s but its frames end at {end_s:.3f} s"
         )
-    sizes = keyframe_sizes(path)
-    if len(sizes) > 1:
-        changes = ", then ".join(f"{w}x{h}" for w, h in sizes)
-        raise VideoDecodeError(
-            f"{path}: the frame size changes mid-stream ({changes}); decoding would return every "
-            f"frame at the first size. Re-encode it to one size (e.g. ffmpeg -vf scale=W:H) first"
-        )
+    _refuse_size_changes(path, keyframe_sizes(path))
     return VideoInfo(
         path=str(path),
         width=width,
@@ -302,6 +387,11 @@ def iter_frames(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if via not in ("auto", "decord", "pyav"):
         raise ValueError(f"via must be auto, decord or pyav, got {via!r}")
+    if via == "auto" and reads_front_to_back(path):
+        if stop is not None and not 0 <= start <= stop:
+            raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+        yield from _iter_frames_pyav(path, batch_size, start, stop, None, None)
+        return
     reader = _open(path)
     total = len(reader)
     stop = total if stop is None else min(stop, total)
@@ -357,40 +447,55 @@ def _display_turns(frame: av.VideoFrame, stream: av.video.stream.VideoStream) ->
     return (degrees // 90) % 4 if degrees % 90 == 0 else 0
 
 
-def _iter_frames_pyav(
-    path: str | Path, batch_size: int, start: int, stop: int, size: tuple[int, int], total: int
-) -> Iterator[tuple[int, np.ndarray]]:
-    """`iter_frames` for files decord would re-decode over and over (long keyframe gaps).
-
-    PyAV pulls one frame per call and decodes nothing ahead, so no flush is needed. Its
-    RGB equals decord's for 8-bit sources (measured on yuv420p and yuv444p); for 10-bit
-    ones the two ffmpeg builds' converters differ by a few levels.
-    """
+def _pyav_frames(path: str | Path, total: int | None) -> Iterator[tuple[int, av.VideoFrame, int]]:
+    """(index, frame, quarter turns to upright) of every frame in order, decoded with PyAV."""
     index = 0
-    batch: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                if index >= stop:
-                    break
-                if index >= start:
-                    rgb = np.rot90(frame.to_ndarray(format="rgb24"), _display_turns(frame, stream))
-                    if rgb.shape[:2] != size:
-                        raise VideoDecodeError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, "
-                                               f"frame 0 {size[1]}x{size[0]}")
-                    batch.append(rgb)
-                    if len(batch) == batch_size:
-                        yield index + 1 - batch_size, np.stack(batch)
-                        batch = []
+                yield index, frame, _display_turns(frame, stream)
                 index += 1
     except av.FFmpegError as err:
-        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {index} of {total} ({err})") from err
-    if index < stop:
-        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {index} of {total} (ends early)")
+        of = f" of {total}" if total is not None else ""
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {index}{of} ({err})") from err
+
+
+def _iter_frames_pyav(
+    path: str | Path, batch_size: int, start: int, stop: int | None, size: tuple[int, int] | None,
+    total: int | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`iter_frames` with PyAV: for files decord would re-decode over and over (long keyframe
+    gaps) and for those it cannot seek in (`FRONT_TO_BACK_FORMATS`; size, total and stop
+    then come from the frames themselves).
+
+    PyAV pulls one frame per call and decodes nothing ahead, so no flush is needed. Its
+    RGB equals decord's for 8-bit sources (measured on yuv420p and yuv444p); for 10-bit
+    ones the two ffmpeg builds' converters differ by a few levels.
+    """
+    seen = 0  # frames decoded so far
+    batch: list[np.ndarray] = []
+    with closing(_pyav_frames(path, total)) as frames:
+        for index, frame, turns in frames:
+            if stop is not None and index >= stop:
+                break
+            seen = index + 1
+            if index < start:
+                continue
+            rgb = np.rot90(frame.to_ndarray(format="rgb24"), turns)
+            size = size or rgb.shape[:2]
+            if rgb.shape[:2] != size:
+                raise VideoDecodeError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                       f"frame {start} {size[1]}x{size[0]}")
+            batch.append(rgb)
+            if len(batch) == batch_size:
+                yield seen - batch_size, np.stack(batch)
+                batch = []
+    if stop is not None and seen < stop:
+        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {seen} of {total or stop} (ends early)")
     if batch:
-        yield stop - len(batch), np.stack(batch)
+        yield seen - len(batch), np.stack(batch)
 
 
 def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iterator[tuple[list[int], np.ndarray]]:
@@ -405,6 +510,9 @@ def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iter
     indices = list(indices)
     if not indices:
         return
+    if reads_front_to_back(path):
+        yield from _iter_frames_at_pyav(path, indices, chunk)
+        return
     reader = _open(path)
     for first in range(0, len(indices), chunk):
         part = indices[first:first + chunk]
@@ -418,10 +526,34 @@ def iter_frames_at(path: str | Path, indices: Sequence[int], chunk: int) -> Iter
         yield part, batch
 
 
+def _iter_frames_at_pyav(path: str | Path, indices: list[int], chunk: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """`iter_frames_at` for files that cannot be sought in: one pass from frame 0, converting
+    only the frames asked for, each chunk yielded once all of its frames are decoded."""
+    wanted = set(indices)
+    kept: dict[int, np.ndarray] = {}
+    first = 0  # the next chunk to yield starts at indices[first]
+    count = 0
+    with closing(_pyav_frames(path, None)) as frames:
+        for index, frame, turns in frames:
+            count = index + 1
+            if index in wanted:
+                kept[index] = np.rot90(frame.to_ndarray(format="rgb24"), turns)
+            while first < len(indices) and all(i in kept for i in indices[first:first + chunk]):
+                part = indices[first:first + chunk]
+                yield part, np.stack([kept[i] for i in part])
+                first += chunk
+                for i in set(part) - set(indices[first:]):
+                    del kept[i]  # no later chunk asks for it again
+            if first >= len(indices):
+                return
+    missing = [i for i in indices[first:] if i not in kept]
+    raise VideoDecodeError(f"{path}: holds {count} frames, frames {missing} were asked for")
+
+
 def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     """Frames at the given indices as uint8 (n, H, W, 3) RGB (random access; for tests and evaluation)."""
     indices = list(indices)
     if not indices:
-        height, width = _frame_size(_open(path), path)
-        return np.empty((0, height, width, 3), dtype=np.uint8)
+        info = probe(path)
+        return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
     return next(iter_frames_at(path, indices, chunk=len(indices)))[1]

@@ -18,6 +18,7 @@ release and a plain remux (`ffmpeg -i in.mkv -map 0 -c copy out.mkv`) keeps it.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import subprocess
 import tempfile
@@ -77,6 +78,29 @@ def pixel_format(video_format: str, width: int, height: int) -> str:
     return pix_fmt
 
 
+def audio_codec(source: str | Path) -> str:
+    """How the writer carries `source`'s audio: "copy", or "flac" (lossless) where one of its
+    streams cannot be re-stamped into Matroska by PyAV (`retime`, `join_segments`): G.711
+    (pcm_mulaw, pcm_alaw), G.726, ADPCM, AMR and WMA, common in IP cameras and phones."""
+    try:
+        container = av.open(str(source))
+    except av.FFmpegError:
+        return "copy"  # ffmpeg itself then says what is wrong with the source, naming it
+    with container:
+        streams = list(container.streams.audio)
+        if not streams:
+            return "copy"
+        target = av.open(io.BytesIO(), "w", format="matroska")  # a codec check only: nothing is written
+        try:
+            for stream in streams:
+                target.add_stream_from_template(stream)
+        except ValueError:  # "'matroska' format does not support 'wmav2' codec"
+            return "flac"
+        finally:
+            target.close()
+    return "copy"
+
+
 class VideoWriter:
     """Context manager writing uint8 RGB frames to a .mkv, optionally with copied audio.
 
@@ -122,7 +146,7 @@ class VideoWriter:
             str(self._temp_path),
             format="matroska",  # the temp name's suffix must not decide the container
             fps_mode="passthrough",  # one input frame, one output frame: no drops, no duplicates
-            **{"c:a": "copy"},
+            **{"c:a": audio_codec(audio_source) if audio_source is not None else "copy"},
             **{**VIDEO_FORMATS[codec], "pix_fmt": pixel_format(codec, width, height)},
         ).global_args("-hide_banner", "-nostats", "-loglevel", "warning")
         self._process = output.run_async(

@@ -12,9 +12,17 @@ import numpy as np
 import pytest
 
 from tasks.datapath.anonymize import anonymize_video
-from tasks.datapath.decode import VideoDecodeError, flush_redecodes, iter_frames, probe, read_frames
+from tasks.datapath.decode import (
+    VideoDecodeError,
+    flush_redecodes,
+    iter_frames,
+    iter_frames_at,
+    keyframe_indices,
+    probe,
+    read_frames,
+)
 from tasks.datapath.deidentify import FaceSwapper, load_face_pair
-from tasks.datapath.encode import VideoWriter, ffmpeg_exe
+from tasks.datapath.encode import VideoWriter, audio_codec, ffmpeg_exe
 from tasks.datapath.keys import generate_key_pair, parse_private_key
 from tasks.datapath.reconstruct import reconstruct_video
 from tasks.datapath.video_loop import PipelineSettings
@@ -204,3 +212,87 @@ def size_change(tmp_path_factory) -> Path:
 def test_a_size_change_mid_stream_is_refused_not_cropped(size_change: Path) -> None:
     with pytest.raises(VideoDecodeError, match=r"frame size changes mid-stream \(320x180, then 640x360\)"):
         probe(size_change)
+
+
+def _order(frames: np.ndarray, reference: np.ndarray) -> list[int]:
+    """For each frame, the index of the reference frame it is closest to (mean absolute difference)."""
+    ref = reference.astype(np.int16)
+    return [int(np.argmin(np.abs(ref - f.astype(np.int16)).mean(axis=(1, 2, 3)))) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def unindexed_clips(tmp_path_factory) -> dict[str, Path]:
+    """24 moving frames of the Wolfgang sample (and its lossless original), in containers without a
+    frame index: MPEG-2 in .ts, .mpg and .vob, H.264 in .ts, WMV, and a .ts spliced from two
+    recordings whose clocks are 1000 s apart."""
+    root = tmp_path_factory.mktemp("unindexed")
+    source = root / "source.mkv"
+    _ffmpeg("-ss", "2", "-i", str(SINGLE_FACE.parent / "WolfgangLanger_Pexels.mp4"), "-frames:v", "24",
+            "-c:v", "ffv1", "-c:a", "flac", str(source))
+    clips = {"source": source}
+    for name, args in {"mpeg2.ts": ["-c:v", "mpeg2video", "-q:v", "2", "-c:a", "mp2", "-f", "mpegts"],
+                       "mpeg2.mpg": ["-c:v", "mpeg2video", "-q:v", "2", "-c:a", "mp2", "-f", "mpeg"],
+                       "mpeg2.vob": ["-c:v", "mpeg2video", "-q:v", "2", "-c:a", "mp2", "-f", "vob"],
+                       "h264.ts": ["-c:v", "libx264", "-crf", "12", "-c:a", "aac", "-f", "mpegts"],
+                       "clip.wmv": ["-c:v", "wmv2", "-q:v", "2", "-c:a", "wmav2"]}.items():
+        clips[name] = root / name
+        _ffmpeg("-i", str(source), *args, str(clips[name]))
+    first, second = root / "first.ts", root / "second.ts"
+    _ffmpeg("-i", str(source), "-frames:v", "12", "-c:v", "mpeg2video", "-q:v", "2", "-an", "-f", "mpegts", str(first))
+    _ffmpeg("-ss", "0.5", "-i", str(source), "-c:v", "mpeg2video", "-q:v", "2", "-an", "-output_ts_offset", "1000",
+            "-f", "mpegts", str(second))
+    clips["spliced.ts"] = root / "spliced.ts"
+    clips["spliced.ts"].write_bytes(first.read_bytes() + second.read_bytes())
+    return clips
+
+
+@pytest.mark.parametrize("name", ["mpeg2.ts", "mpeg2.mpg", "mpeg2.vob", "h264.ts", "clip.wmv"])
+def test_files_without_a_frame_index_are_read_frame_for_frame(unindexed_clips, name: str) -> None:
+    # decord returned these frames shifted by up to 8 (or failed at frame 0 on the H.264 .ts).
+    path, reference = unindexed_clips[name], read_frames(unindexed_clips["source"], range(24))
+    info = probe(path)
+    assert (info.frame_count, info.width, info.height, info.audio_streams) == (24, 640, 360, 1)
+    assert keyframe_indices(path) == ([0], 24)  # no seeking: such a file is never split across workers
+    frames = np.concatenate([batch for _, batch in iter_frames(path, batch_size=5)])
+    assert _order(frames, reference) == list(range(24))
+    assert np.abs(frames.astype(np.int16) - reference).mean() < 4  # the codec's loss, not other frames
+    picked = [0, 7, 8, 23]
+    chunks = list(iter_frames_at(path, picked, 3))
+    assert [part for part, _ in chunks] == [[0, 7, 8], [23]]
+    assert np.array_equal(np.concatenate([batch for _, batch in chunks]), frames[picked])
+
+
+def test_a_stream_spliced_from_two_recordings_keeps_both_in_order_with_the_jump(unindexed_clips) -> None:
+    # decord gave the second recording's frames first, then its last frame 12 times, status done.
+    path, reference = unindexed_clips["spliced.ts"], read_frames(unindexed_clips["source"], range(24))
+    info = probe(path)
+    assert info.frame_count == 24 and info.frame_times is not None
+    times = np.asarray(info.frame_times)
+    assert np.all(np.diff(times) > 0) and 999 < times[12] - times[11] < 1001  # the clocks' jump, kept
+    frames = np.concatenate([batch for _, batch in iter_frames(path, batch_size=8)])
+    # The first 12 source frames, then the source from 0.5 s (frame 12 at 24 fps): every frame in its place.
+    assert _order(frames, reference) == list(range(24))
+
+
+def test_camera_audio_matroska_cannot_restamp_is_kept_losslessly_as_flac(tmp_path: Path, vfr_clips) -> None:
+    # G.711 µ-law beside a variable-rate picture, as IP cameras record: re-stamping the packets
+    # (PyAV) failed with "'matroska' format does not support 'pcm_mulaw' codec", status failed.
+    source = tmp_path / "ipcam.mov"
+    _ffmpeg("-i", str(vfr_clips["mp4"]), "-c:v", "copy", "-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1", str(source))
+    assert audio_codec(source) == "flac" and audio_codec(vfr_clips["mkv"]) == "copy"
+    info = probe(source)
+    assert info.frame_times is not None
+    out = tmp_path / "out.mkv"
+    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
+                     frame_times=info.frame_times) as writer:
+        for _, batch in iter_frames(source, batch_size=16):
+            writer.write(batch)
+    assert np.allclose(probe(out).frame_times, info.frame_times, atol=0.0011)
+
+    def samples(path: Path) -> np.ndarray:  # the decoded sound, as 16-bit PCM
+        result = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a", "-f", "s16le", "-"],
+                                capture_output=True, check=True)
+        return np.frombuffer(result.stdout, dtype=np.int16)
+
+    kept, original = samples(out), samples(source)
+    assert len(kept) == len(original) > 8000 and np.array_equal(kept, original)  # FLAC: every sample as decoded

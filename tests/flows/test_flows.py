@@ -184,3 +184,18 @@ def test_a_long_video_is_split_across_two_actors(keyframed_clip, tmp_path, prefe
     assert list((out / "catalogs").rglob("*s00001-*.parquet")), "the second segment's worker wrote its ROI rows"
     assert check_output_folder(out) == []  # the catalogs account for the joined file and nothing else
     # Restoring a split video bit for bit: tests/datapath/test_segments.py (without a cluster, to stay fast).
+
+
+def test_two_sources_never_share_a_public_file():
+    from pathlib import Path
+
+    from flows.runtime import public_names
+
+    sources = [Path("cam/door.mp4"), Path("cam/door.avi"), Path("cam/lobby.mp4"), Path("yard.ts"), Path("gate.mov")]
+    ids = ["a", "b", "c", "d", "e"]
+    # door.mp4 and door.avi would both be door.mkv; yard.mkv already holds another video of an
+    # earlier run; gate.mkv holds this very video (same content, renamed source): no clash.
+    written = {Path("yard.mkv"): "other", Path("gate.mkv"): "e"}
+    assert public_names(sources, ids, written) == [
+        Path("cam/door.mp4.mkv"), Path("cam/door.avi.mkv"), Path("cam/lobby.mkv"), Path("yard.ts.mkv"),
+        Path("gate.mkv")]
