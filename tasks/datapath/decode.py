@@ -219,6 +219,22 @@ def _frame_starts(reader: VideoReader, frame_count: int) -> np.ndarray | None:
     return starts
 
 
+def _video_start(path: str | Path) -> float:
+    """When the first frame is shown, in seconds from the container's start (PyAV, headers only).
+
+    decord counts frame times from the first frame, so a video that starts after its audio
+    (0.5 s in a phone clip, an edit list) would lose the gap and play out of sync.
+    """
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.start_time is None:
+                return 0.0
+            return max(0.0, float(stream.start_time * stream.time_base) - (container.start_time or 0) / 1e6)
+    except (av.FFmpegError, IndexError):
+        return 0.0  # decord read it; without PyAV's view the times stay decord's
+
+
 def keyframe_sizes(path: str | Path) -> list[tuple[int, int]]:
     """Each (width, height) in turn among the first video stream's keyframes, decoded with PyAV.
 
@@ -318,6 +334,8 @@ def probe(path: str | Path) -> VideoInfo:
     height, width = _frame_size(reader, path)
     fps = float(reader.get_avg_fps())
     starts = _frame_starts(reader, frame_count)
+    if starts is not None:
+        starts = starts + _video_start(path)
     end_s = frame_count / fps if starts is None else float(starts[-1]) + 1 / fps
     _, lines = _ffmpeg_report(path)
     declared = _declared_video_duration(lines)

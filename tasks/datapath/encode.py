@@ -338,6 +338,11 @@ def join_segments(parts: Sequence[str | Path], starts: Sequence[int], out_path: 
     return packets
 
 
+def _container_start(path: str | Path) -> float:
+    with av.open(str(path)) as container:
+        return (container.start_time or 0) / 1e6
+
+
 def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name: str,
            audio_from: str | Path | None = None) -> Path:
     """Remux `video` (every stream, no re-encoding) with `attachment` added, into `out_path` atomically;
@@ -346,7 +351,12 @@ def attach(video: str | Path, attachment: str | Path, out_path: str | Path, name
     handle, temp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial.mkv")
     os.close(handle)
     audio_in, audio_map = ([], []) if audio_from is None else (["-i", str(audio_from)], ["-map", "1:a?"])
-    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video), *audio_in,
+    # ffmpeg starts every input at 0. The audio's source keeps its own start that way, and
+    # `video` (frames stamped from the source's start) would lose a late first frame:
+    # `-itsoffset` puts the frames back where they are.
+    shift = ["-itsoffset", f"{_container_start(video):.6f}"] if audio_from is not None else []
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *shift, "-i", str(video),
+               *audio_in,
                "-map", "0", *audio_map, "-c", "copy", "-attach", str(attachment),
                "-metadata:s:t:0", f"mimetype={ATTACHMENT_MIMETYPE}", "-metadata:s:t:0", f"filename={name}",
                "-f", "matroska", temp]

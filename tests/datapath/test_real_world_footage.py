@@ -83,6 +83,23 @@ def test_the_writer_keeps_the_sources_frame_times_and_its_audio(tmp_path: Path, 
     assert np.allclose([p[0] for p in copied], [p[0] for p in original], atol=0.0006)
 
 
+def test_a_picture_that_starts_after_its_sound_keeps_its_start(tmp_path: Path) -> None:
+    # decord counts frame times from the first frame: a phone clip whose video starts 0.5 s
+    # after its audio came out with the picture half a second early.
+    source = tmp_path / "late.mp4"
+    _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "30", "-vf", "setpts=PTS+0.5/TB", "-c:v", "libx264",
+            "-preset", "ultrafast", "-c:a", "aac", str(source))
+    info = probe(source)
+    assert info.frame_times is not None and info.frame_times[0] == pytest.approx(0.5, abs=0.001)
+    out = tmp_path / "out.mkv"
+    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
+                     frame_times=info.frame_times) as writer:
+        for _, batch in iter_frames(source, batch_size=16):
+            writer.write(batch)
+    assert np.allclose(probe(out).frame_times, info.frame_times, atol=0.0011)
+    assert np.allclose([p[0] for p in _audio_packets(out)], [p[0] for p in _audio_packets(source)], atol=0.0006)
+
+
 def test_public_and_restored_files_keep_a_variable_rate_sources_times_and_audio(tmp_path: Path, vfr_clips) -> None:
     source = vfr_clips["mkv"]
     authority = parse_private_key(generate_key_pair()[0])

@@ -199,16 +199,17 @@ def test_a_failed_segment_leaves_nothing_behind(keyframed_clip, worker, tmp_path
     assert list((tmp_path / "public").iterdir()) == []
 
 
-def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path):
+@pytest.mark.parametrize("late", [0.0, 0.5])  # 0.5: the picture starts half a second after the sound
+def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path, late: float):
     from tests.datapath.test_decode_encode import SINGLE_FACE, _audio_packets
     from tests.datapath.test_real_world_footage import FPS, STRETCH_FROM, _ffmpeg
 
-    source = tmp_path / "vfr.mkv"
-    stretch = f"setpts='if(lt(N,{STRETCH_FROM}),N,{STRETCH_FROM}+(N-{STRETCH_FROM})*3)/({FPS}*TB)'"
+    source = tmp_path / "vfr.mp4"
+    stretch = f"setpts='if(lt(N,{STRETCH_FROM}),N,{STRETCH_FROM}+(N-{STRETCH_FROM})*3)/({FPS}*TB)+{late}/TB'"
     _ffmpeg("-i", str(SINGLE_FACE), "-frames:v", "40", "-vf", stretch, "-fps_mode", "vfr", "-c:v", "libx264",
             "-preset", "ultrafast", "-g", "10", "-keyint_min", "10", "-sc_threshold", "0", "-c:a", "aac", str(source))
     info = probe(source)
-    assert info.frame_times is not None
+    assert info.frame_times is not None and info.frame_times[0] == pytest.approx(late, abs=0.0011)
     starts, parts = [0, 20], []
     for k, (start, stop) in enumerate([(0, 20), (20, 40)]):
         parts.append(tmp_path / f"seg{k}.mkv")
@@ -222,7 +223,10 @@ def test_joined_segments_keep_a_variable_rate_sources_times_and_audio(tmp_path):
     assert np.allclose(written.frame_times, info.frame_times, atol=0.0011)  # Matroska keeps milliseconds
     assert np.abs(read_frames(tmp_path / "public.mkv", range(40)).astype(int)
                   - read_frames(source, range(40))).mean() < 3.0
-    assert [p[1:] for p in _audio_packets(tmp_path / "public.mkv")] == [p[1:] for p in _audio_packets(source)]
+    # Every audio packet as it was, and where it was: the late picture did not slide onto the sound.
+    kept, original = _audio_packets(tmp_path / "public.mkv"), _audio_packets(source)
+    assert [p[1:] for p in kept] == [p[1:] for p in original]
+    assert np.allclose([p[0] for p in kept], [p[0] for p in original], atol=0.0011)
 
 
 def test_a_split_lossless_video_carries_each_frames_payload_and_reverses_by_the_learned_path(keyframed_clip,
