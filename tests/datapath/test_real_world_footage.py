@@ -62,16 +62,21 @@ def test_a_variable_rate_clip_is_accepted_with_each_frames_own_time(vfr_clips, s
     assert info.duration_s == pytest.approx(_expected_start(39) + 1 / info.fps, abs=0.002)
 
 
+def _rewrite(source: Path, info, out: Path) -> Path:
+    """`source` through the writer as the public module writes it: h264, its audio, its frame times."""
+    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
+                     frame_times=info.frame_times) as writer:
+        for _, batch in iter_frames(source, batch_size=16):
+            writer.write(batch)
+    return out
+
+
 @pytest.mark.parametrize("suffix", ["mkv", "mp4"])
 def test_the_writer_keeps_the_sources_frame_times_and_its_audio(tmp_path: Path, vfr_clips, suffix: str) -> None:
     source = vfr_clips[suffix]
     info = probe(source)
     frames = read_frames(source, range(info.frame_count))
-    out = tmp_path / "out.mkv"
-    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
-                     frame_times=info.frame_times) as writer:
-        for _, batch in iter_frames(source, batch_size=16):
-            writer.write(batch)
+    out = _rewrite(source, info, tmp_path / "out.mkv")
     written = probe(out)
     assert written.frame_count == 40 and written.frame_times is not None
     assert np.allclose(written.frame_times, info.frame_times, atol=0.0011)  # Matroska keeps milliseconds
@@ -91,11 +96,7 @@ def test_a_picture_that_starts_after_its_sound_keeps_its_start(tmp_path: Path) -
             "-preset", "ultrafast", "-c:a", "aac", str(source))
     info = probe(source)
     assert info.frame_times is not None and info.frame_times[0] == pytest.approx(0.5, abs=0.001)
-    out = tmp_path / "out.mkv"
-    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
-                     frame_times=info.frame_times) as writer:
-        for _, batch in iter_frames(source, batch_size=16):
-            writer.write(batch)
+    out = _rewrite(source, info, tmp_path / "out.mkv")
     assert np.allclose(probe(out).frame_times, info.frame_times, atol=0.0011)
     assert np.allclose([p[0] for p in _audio_packets(out)], [p[0] for p in _audio_packets(source)], atol=0.0006)
 
@@ -299,11 +300,7 @@ def test_camera_audio_matroska_cannot_restamp_is_kept_losslessly_as_flac(tmp_pat
     assert audio_codec(source) == "flac" and audio_codec(vfr_clips["mkv"]) == "copy"
     info = probe(source)
     assert info.frame_times is not None
-    out = tmp_path / "out.mkv"
-    with VideoWriter(out, info.width, info.height, info.fps_rational, audio_source=source, codec="h264",
-                     frame_times=info.frame_times) as writer:
-        for _, batch in iter_frames(source, batch_size=16):
-            writer.write(batch)
+    out = _rewrite(source, info, tmp_path / "out.mkv")
     assert np.allclose(probe(out).frame_times, info.frame_times, atol=0.0011)
 
     def samples(path: Path) -> np.ndarray:  # the decoded sound, as 16-bit PCM
