@@ -281,25 +281,25 @@ def _refuse_size_changes(path: str | Path, sizes: list[tuple[int, int]]) -> None
 def _probe_front_to_back(path: str | Path) -> VideoInfo:
     """`probe` for `FRONT_TO_BACK_FORMATS`: one PyAV pass over the decoded frames, without
     converting them, gives the frame count, each frame's time and every frame size."""
-    times: list[float] = []
-    sizes: list[tuple[int, int]] = []
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             # Times from the container's start, which ffmpeg subtracts from every stream it
             # copies: the audio taken from the source stays in step with these frames.
             origin = (container.start_time or 0) / 1e6
-            for frame in container.decode(stream):
-                upright = (frame.width, frame.height)[::1 if _display_turns(frame, stream) % 2 == 0 else -1]
-                if not sizes or sizes[-1] != upright:
-                    sizes.append(upright)
-                step = 1 / rate if rate > 0 else 0.04
-                times.append(frame.time - origin if frame.time is not None else
-                             (times[-1] + step if times else 0.0))
-    except (av.FFmpegError, IndexError) as err:
-        raise VideoDecodeError(f"{path}: truncated/corrupt at frame {len(times)} ({err})") from err
+    except IndexError as err:
+        raise VideoDecodeError(f"{path}: no video stream") from err
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"{path}: truncated/corrupt ({err})") from err
+    step = 1 / rate if rate > 0 else 0.04
+    times: list[float] = []
+    sizes: list[tuple[int, int]] = []
+    for _, frame, turns in _pyav_frames(path, None):
+        upright = (frame.width, frame.height)[::1 if turns % 2 == 0 else -1]
+        if not sizes or sizes[-1] != upright:
+            sizes.append(upright)
+        times.append(frame.time - origin if frame.time is not None else (times[-1] + step if times else 0.0))
     if not times:
         raise VideoDecodeError(f"{path}: zero frames")
     _refuse_size_changes(path, sizes)
