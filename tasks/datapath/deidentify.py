@@ -155,25 +155,37 @@ def _region_weights(w: int, h: int) -> torch.Tensor:
     return torch.from_numpy(face_region(w, h).copy()).unsqueeze(-1)
 
 
+def _face_pixels(face: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    """A (3, 64, 64) face in [0, 1] → (h, w, 3) float in [0, 255], resized bilinearly.
+
+    Enlarging on the CPU goes through OpenCV: within 1e-3 of a level of torch's bilinear and
+    about 10x faster on a 400 px face, where pasting spent most of its time (16 % of the
+    public module on the Wolfgang clip). Shrinking keeps torch's antialiasing.
+    """
+    if (h, w) == tuple(face.shape[1:]):
+        return face.permute(1, 2, 0).mul(255.0)
+    if face.device.type == "cpu" and h >= face.shape[1] and w >= face.shape[2]:
+        import cv2  # here, not at the top: bench.gpu imports this module on machines with torch alone
+
+        pixels = face.permute(1, 2, 0).mul(255.0).contiguous().numpy()
+        return torch.from_numpy(cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1))
+    face = F.interpolate(face.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return face[0].permute(1, 2, 0).mul(255.0)
+
+
 def paste_faces(frame: np.ndarray, rois: Sequence[Roi], faces: torch.Tensor, blend: bool = False) -> None:
     """Resize each 64×64 face to its ROI and write it into `frame` (in place): over the whole
     box, or with `blend` over the face region only (where the weight is 0 the frame keeps
     exactly what it was).
     """
     for r, face in zip(rois, faces):
-        face = face.unsqueeze(0)
-        if (r.h, r.w) != (FACE_SIZE, FACE_SIZE):
-            face = F.interpolate(face, size=(r.h, r.w), mode="bilinear", align_corners=False, antialias=True)
-        if not blend:
-            pixels = face[0].mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-            frame[r.y : r.y + r.h, r.x : r.x + r.w] = pixels.cpu().numpy()
-            continue
+        pixels = _face_pixels(face, r.w, r.h)
         target = frame[r.y : r.y + r.h, r.x : r.x + r.w]
-        source = torch.from_numpy(target).to(face.device).float()  # a strided view: .float() makes the one copy
-        weights = _region_weights(r.w, r.h).to(face.device)
-        # lerp is exactly the source where the weight is 0 and exactly the face where it is 1.
-        blended = torch.lerp(source, face[0].permute(1, 2, 0).mul(255.0).contiguous(), weights)
-        target[:] = blended.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        if blend:
+            source = torch.from_numpy(target).to(face.device).float()  # a strided view: .float() makes the one copy
+            # lerp is exactly the source where the weight is 0 and exactly the face where it is 1.
+            pixels = torch.lerp(source, pixels, _region_weights(r.w, r.h).to(face.device))
+        target[:] = pixels.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 SMOOTHING_WEIGHT = 0.3
