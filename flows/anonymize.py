@@ -36,6 +36,7 @@ from flows.runtime import (
     public_names,
     publish_summary,
     prestart_pool,
+    prestart_prefect_server,
     run_in_output_folder,
     scan_videos,
     written_public_names,
@@ -299,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["archive_dir"]).is_dir():
-        # The actors load their models while Prefect starts its server (the flow takes the pool).
+        # Ray and the actors' models load while Prefect starts its server (the flow takes both).
+        prefect_server_ready = prestart_prefect_server()
         prestart_pool(settings, args["workers"], args["ray_address"])
+        prefect_server_ready()
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} video{'' if len(rows) == 1 else 's'} in {time.perf_counter() - start:.1f} s "

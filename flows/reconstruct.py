@@ -37,6 +37,7 @@ from flows.runtime import (
     format_table,
     hidden_partials,
     prestart_pool,
+    prestart_prefect_server,
     publish_summary,
     run_in_output_folder,
     scan_videos,
@@ -206,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["public_dir"]).is_dir():
-        # The actors load their models while Prefect starts its server (the flow takes the pool).
+        # Ray and the actors' models load while Prefect starts its server (the flow takes both).
+        prefect_server_ready = prestart_prefect_server()
         prestart_pool(pipeline_settings(args["model"], args["weights"], args["restore_format"], args["batch_size"],
                                         args["device"]), args["workers"], args["ray_address"])
+        prefect_server_ready()
     rows = reconstruct_streams(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")

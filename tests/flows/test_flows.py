@@ -199,3 +199,48 @@ def test_two_sources_never_share_a_public_file():
     assert public_names(sources, ids, written) == [
         Path("cam/door.mp4.mkv"), Path("cam/door.avi.mkv"), Path("cam/lobby.mkv"), Path("yard.ts.mkv"),
         Path("gate.mkv")]
+
+
+def test_the_command_line_runs_an_archive_end_to_end(clips, tmp_path, capsys, prefect_harness, ray_session):
+    """`python -m flows.anonymize` as a user runs it: keys checked, Prefect's server and the
+    actors prestarted, the flow, the summary table, the exit status."""
+    from flows.anonymize import main
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    archive.mkdir()
+    shutil.copy(clips["carphone"], archive / "lobby.mp4")
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    assert main([str(archive), str(out), "--public-key", str(tmp_path / "a.pub"), "--model", "keyed-permutation",
+                 "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "lobby.mp4" in printed and "1 video in" in printed
+    (row,) = CatalogStore(out / "catalogs").read("videos").to_dict("records")
+    assert row["status"] == "done" and row["frame_count"] == 16
+
+
+def test_prefects_server_starts_on_a_helper_thread_and_the_wait_waits_for_it(monkeypatch):
+    import threading
+    import time
+
+    import prefect.server.api.server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runtime import prestart_prefect_server
+
+    started: list[str] = []
+
+    class SlowServer:
+        def start(self) -> None:
+            time.sleep(0.3)
+            started.append(threading.current_thread().name)
+            raise RuntimeError("port taken")  # left to the flow, which starts it again and says why
+
+    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", SlowServer)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        wait = prestart_prefect_server()
+        assert started == []  # returned at once: Ray starts on the main thread meanwhile
+        wait()
+    assert started == ["prefect-server-start"]
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        prestart_prefect_server()()  # a configured server: nothing to start
+    assert started == ["prefect-server-start"]
