@@ -3,7 +3,8 @@
 Embedded defaults are set here, before Prefect or Ray is imported, so a bare
 `python -m flows.anonymize` runs offline with an ephemeral Prefect server and a local Ray.
 Anything already set in the environment (PREFECT_API_URL for a real server, RAY_ADDRESS
-for a cluster) wins.
+for a cluster) wins. A command-line run of a data-path flow starts that server here, so that
+it comes up while the rest is imported (`flows/prefect_server.py`).
 """
 import os
 import sys
@@ -25,3 +26,7 @@ if not sys.stderr.isatty():
     _DEFAULTS["RAY_COLOR_PREFIX"] = "0"
 for _name, _value in _DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+
+from flows import prefect_server  # noqa: E402 (after the defaults, which the server inherits)
+
+prefect_server.start_for_command_line()

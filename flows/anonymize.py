@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import VIDEO_SUCCESS_STATUSES, CatalogStore, file_content_hash, new_run_id, utc_now
+from flows import prefect_server
 from flows.runtime import (
     FAILURE_STATUSES,
     ActorPool,
@@ -36,7 +37,6 @@ from flows.runtime import (
     public_names,
     publish_summary,
     prestart_pool,
-    prestart_prefect_server,
     run_in_output_folder,
     scan_videos,
     written_public_names,
@@ -300,10 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["archive_dir"]).is_dir():
-        # Ray and the actors' models load while Prefect starts its server (the flow takes both).
-        prefect_server_ready = prestart_prefect_server()
+        # Ray and the actors' models load while Prefect's server starts (flows/prefect_server.py).
         prestart_pool(settings, args["workers"], args["ray_address"])
-        prefect_server_ready()
+    prefect_server.wait_until_ready()
     rows = anonymize_archive(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} video{'' if len(rows) == 1 else 's'} in {time.perf_counter() - start:.1f} s "

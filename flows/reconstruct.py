@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalogs import CatalogStore, new_run_id, utc_now
 from catalogs.audit import append_audit_row, verify_audit_chain
+from flows import prefect_server
 from flows.runtime import (
     FAILURE_STATUSES,
     ActorPool,
@@ -37,7 +38,6 @@ from flows.runtime import (
     format_table,
     hidden_partials,
     prestart_pool,
-    prestart_prefect_server,
     publish_summary,
     run_in_output_folder,
     scan_videos,
@@ -207,11 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if Path(args["public_dir"]).is_dir():
-        # Ray and the actors' models load while Prefect starts its server (the flow takes both).
-        prefect_server_ready = prestart_prefect_server()
+        # Ray and the actors' models load while Prefect's server starts (flows/prefect_server.py).
         prestart_pool(pipeline_settings(args["model"], args["weights"], args["restore_format"], args["batch_size"],
                                         args["device"]), args["workers"], args["ray_address"])
-        prefect_server_ready()
+    prefect_server.wait_until_ready()
     rows = reconstruct_streams(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} streams in {time.perf_counter() - start:.1f} s")

@@ -21,7 +21,8 @@ from prefect import flow
 
 from flows.anonymize import anonymize_archive, pipeline_settings
 from flows.reconstruct import SUMMARY_COLUMNS, reconstruct_streams
-from flows.runtime import format_table, prestart_pool, prestart_prefect_server
+from flows import prefect_server
+from flows.runtime import format_table, prestart_pool
 from tasks.datapath.video_loop import PipelineSettings
 
 
@@ -57,14 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(p.parse_args(argv))
     start = time.perf_counter()
     if Path(args["archive_dir"]).is_dir():
-        # Ray and the public module's actors load while Prefect starts its server.
-        prefect_server_ready = prestart_prefect_server()
+        # Ray and the public module's actors load while Prefect's server starts (flows/prefect_server.py).
         prestart_pool(pipeline_settings(args["model"], args["weights"], args["public_format"], args["seal"],
                                         PipelineSettings.batch_size, PipelineSettings.min_face_size,
                                         PipelineSettings.max_gap, PipelineSettings.detect_every,
                                         PipelineSettings.segment_frames, "auto"),
                       args["workers"], args["ray_address"])
-        prefect_server_ready()
+    prefect_server.wait_until_ready()
     rows = anonymize_then_reconstruct(**args)
     print(format_table(rows, SUMMARY_COLUMNS))
     print(f"{len(rows)} videos in {time.perf_counter() - start:.1f} s; public files in "

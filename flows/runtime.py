@@ -11,7 +11,6 @@ import os
 import queue
 import socket
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -178,31 +177,6 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> dict[str, flo
             ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                      _temp_dir=str(temp_dir), log_to_driver=True)
     return ray.cluster_resources()
-
-
-def prestart_prefect_server() -> Callable[[], None]:
-    """Start Prefect's temporary server from a helper thread now; returns the wait for it.
-
-    A command-line run calls this first, then starts Ray on the main thread, then waits,
-    then runs its flow: the server (7 s here with its database in place, 13 s on the first
-    run) and Ray (3.5 s) start side by side instead of one after the other. The flow's own
-    client takes the same server (Prefect keeps one per process). With PREFECT_API_URL set
-    there is nothing to start. A server that fails to start is left to the flow, which
-    starts it again and says why.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def start() -> None:
-        with suppress(Exception):
-            SubprocessASGIServer().start()
-
-    starting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    starting.start()
-    return starting.join
 
 
 _prestarted: dict[tuple[PipelineSettings, int | None, str | None], ActorPool] = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,8 +188,6 @@ def test_a_long_video_is_split_across_two_actors(keyframed_clip, tmp_path, prefe
 
 
 def test_two_sources_never_share_a_public_file():
-    from pathlib import Path
-
     from flows.runtime import public_names
 
     sources = [Path("cam/door.mp4"), Path("cam/door.avi"), Path("cam/lobby.mp4"), Path("yard.ts"), Path("gate.mov")]
@@ -218,29 +217,51 @@ def test_the_command_line_runs_an_archive_end_to_end(clips, tmp_path, capsys, pr
     assert row["status"] == "done" and row["frame_count"] == 16
 
 
-def test_prefects_server_starts_on_a_helper_thread_and_the_wait_waits_for_it(monkeypatch):
-    import threading
-    import time
+def test_the_command_line_module_is_read_from_the_interpreters_arguments():
+    from flows.prefect_server import command_line_module
 
-    import prefect.server.api.server
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    assert command_line_module(["/venv/bin/python", "-m", "flows.anonymize", "in", "out"]) == "flows.anonymize"
+    assert command_line_module(["python3", "-u", "-m", "flows.roundtrip", "samples", "out"]) == "flows.roundtrip"
+    assert command_line_module(["python", "-m", "pytest", "-q"]) == "pytest"
+    assert command_line_module(["python", "script.py", "-m", "flows.anonymize"]) is None
+    assert command_line_module(["python", "-c", "import flows"]) is None
+    assert command_line_module(["python"]) is None
 
-    from flows.runtime import prestart_prefect_server
 
-    started: list[str] = []
+def _servers_of(prefect_home: Path) -> list[int]:
+    """Pids of live Prefect API servers whose PREFECT_HOME is `prefect_home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"prefect.server.api.server:create_app" in (proc / "cmdline").read_bytes()
+                    and f"PREFECT_HOME={prefect_home}".encode() in (proc / "environ").read_bytes().split(b"\0")):
+                found.append(int(proc.name))
+        except OSError:  # ended while we looked, or not ours to read
+            continue
+    return found
 
-    class SlowServer:
-        def start(self) -> None:
-            time.sleep(0.3)
-            started.append(threading.current_thread().name)
-            raise RuntimeError("port taken")  # left to the flow, which starts it again and says why
 
-    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", SlowServer)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        wait = prestart_prefect_server()
-        assert started == []  # returned at once: Ray starts on the main thread meanwhile
-        wait()
-    assert started == ["prefect-server-start"]
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
-        prestart_prefect_server()()  # a configured server: nothing to start
-    assert started == ["prefect-server-start"]
+def test_a_command_line_run_starts_prefects_server_before_its_imports_and_stops_it(tmp_path):
+    """`python -m flows.anonymize` starts Prefect's temporary server from flows/__init__.py
+    (flows/prefect_server.py), runs its flow against it, and leaves no server behind, also
+    when the flow fails."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    write_key_pair(tmp_path / "a.key", tmp_path / "a.pub")
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(root))
+    # An archive that does not exist: the flow runs and fails at once, no Ray needed.
+    done = subprocess.run([sys.executable, "-m", "flows.anonymize", str(tmp_path / "none"), str(tmp_path / "out"),
+                           "--public-key", str(tmp_path / "a.pub")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 1
+    assert "archive folder not found" in done.stderr
+    assert "Beginning flow run" in done.stderr  # the flow ran against a Prefect API ...
+    assert "Starting temporary server" not in done.stderr  # ... ours: Prefect did not start its own
+    assert "View at" not in done.stderr  # it serves no UI: no link to one
+    assert (home / "prefect.db").is_file()  # with the database under the embedded PREFECT_HOME
+    assert _servers_of(home) == []
