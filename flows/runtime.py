@@ -240,6 +240,10 @@ class ActorPool:
     def _spawn(self):
         return FaceWorker.options(**self.options).remote(self.settings)
 
+    def idle(self) -> int:
+        """Actors free at this moment (at least 1: a caller's work waits for one otherwise)."""
+        return max(1, self._free.qsize())
+
     def describe(self) -> list[dict[str, Any]]:
         actors = list(self._free.queue)
         return ray.get([a.describe.remote() for a in actors])

@@ -4,13 +4,15 @@ and the release check reads the written file back.
 
 A plain function (no Ray): the actor in `tasks/datapath/ray_actor.py` calls it, and so do
 the evaluation and the benchmarks, which run a video without a cluster. It is given the
-authorities' public keys only: the video's data key is drawn here, sealed to them, and
-never leaves this function.
+authorities' public keys only, and the video's data key is drawn here unless its caller
+draws it: the flow does, to share the release check out among the workers that are free
+(`check_release_shared`), and never writes it anywhere.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +79,7 @@ class VideoRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     # The release check's verdict on the written public stream (tasks/datapath/release_check.py).
     frames_checked: int = 0
-    needs_review: bool = False
+    needs_review: bool | None = None  # None until the release check has run: never `done` unchecked
     review_frames: list[int] = field(default_factory=list)
     review_reason: str | None = None
 
@@ -220,6 +222,7 @@ def anonymize_video(
     progress: bool = True,
     judge: SFaceJudge | None = None,
     data_key: DataKey | None = None,
+    release_check: bool = True,
 ) -> VideoRecord:
     """Public module for one video: detect, track, seal, de-identify, hide the ROIs, encode, attach,
     then run the release check on the written file.
@@ -228,6 +231,8 @@ def anonymize_video(
     not travel back to the caller); the returned record is small. `judge` (SFace with its
     YuNet) is loaded here when not given; a worker passes its own to load it once.
     `data_key` is drawn at random when not given (tests and the evaluation fix it).
+    `release_check=False` leaves the check to the caller, who holds the data key
+    (`check_release_shared`); the record's `needs_review` stays None until then.
     """
     bound_heap_fragmentation()
     timer = Timer()
@@ -269,10 +274,11 @@ def anonymize_video(
     record.sequences = len(sequences)
     if catalog is not None:
         catalog.write_part("sequences", run_id, video_id, sequence_rows(run_id, video_id, sequences))
-    with timer.stage("release_check"):
-        verdict = check_release(output, source, video_id, data_key, release_check_sample(record, settings),
-                                settings.public_format, detector, judge)
-    record.take_verdict(verdict)
+    if release_check:
+        with timer.stage("release_check"):
+            verdict = check_release(output, source, video_id, data_key, release_check_sample(record, settings),
+                                    settings.public_format, detector, judge)
+        record.take_verdict(verdict)
     timer.seconds["total"] = time.perf_counter() - start
     record.seconds = timer.seconds
     return record
@@ -292,6 +298,30 @@ def check_release(public: str | Path, source: str | Path, video_id: str, data_ke
     in_pixels = public_format in LOSSLESS_CODECS
     rois_of = payload_rois(data_key.payload_key()) if in_pixels else listed_rois(sealed_rois)
     return check_public_stream(public, source, rois_of, detector, judge=judge, frames=frames)
+
+
+def check_release_shared(call: Callable[..., ReleaseVerdict], workers: int, public: str | Path,
+                         source: str | Path, record: VideoRecord, data_key: DataKey,
+                         settings: PipelineSettings) -> None:
+    """The release check of a written video with its sampled frames shared out among up to
+    `workers` workers at once: `call("check_frames", public, source, video_id, data_key, frames)`
+    runs a share on a free one (the flow's `ActorPool.call`). The merged verdict goes into
+    `record`, and the wall time into its `release_check` seconds. The same frames and the same
+    verdict as one worker's check: only the wait is shorter while other workers are idle.
+    """
+    started = time.perf_counter()
+    sample = release_check_sample(record, settings)
+    shares = [[int(f) for f in part] for part in np.array_split(np.asarray(sample, dtype=np.int64), max(1, workers))
+              if len(part)]
+    with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="check") as pool:
+        verdicts = list(pool.map(lambda share: call("check_frames", str(public), str(source), record.video_id,
+                                                    data_key, share), shares))
+    record.take_verdict(ReleaseVerdict(sorted(f for v in verdicts for f in v.checked_frames),
+                                       sorted(f for v in verdicts for f in v.face_outside_frames),
+                                       sorted(f for v in verdicts for f in v.identity_match_frames),
+                                       sum(v.seconds for v in verdicts)))
+    record.seconds["release_check"] = time.perf_counter() - started
+    record.seconds["total"] = record.seconds.get("total", 0.0) + record.seconds["release_check"]
 
 
 def read_back_rois(public: str | Path, video_id: str, data_key: DataKey,

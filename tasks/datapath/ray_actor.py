@@ -20,7 +20,7 @@ import ray
 
 from catalogs import CatalogStore
 from tasks.datapath.decode import VideoInfo
-from tasks.datapath.anonymize import anonymize_video
+from tasks.datapath.anonymize import VideoRecord, anonymize_video, check_release
 from tasks.datapath.deidentify import FaceSwapper, load_pipeline_pair
 from tasks.datapath.detect import FaceDetector
 from tasks.datapath.keys import AuthorityPrivateKey, AuthorityPublicKey, DataKey, WrappedKey
@@ -30,7 +30,6 @@ from tasks.datapath.segments import (
     Segment,
     SegmentDetections,
     SegmentResult,
-    check_segment,
     detect_segment,
     render_segment,
 )
@@ -199,12 +198,14 @@ class FaceWorkerImpl:
         return {"device": self.device, "model": self.pair.name, "weights": self.pair.source, "pid": os.getpid()}
 
     def anonymize(self, source: str, output: str, recipients: list[AuthorityPublicKey], video_id: str, run_id: str,
-                  catalog_root: str | None) -> dict[str, Any]:
+                  catalog_root: str | None, data_key: DataKey | None = None,
+                  release_check: bool = True) -> VideoRecord:
+        """The whole video (`anonymize_video`); with `release_check=False` the caller, who gave
+        the data key, shares the check out (`check_frames`)."""
         catalog = CatalogStore(catalog_root) if catalog_root else None
-        record = anonymize_video(source, output, recipients=recipients, video_id=video_id, detector=self.detector,
-                                 swapper=self.swapper, settings=self.settings, run_id=run_id,
-                                 catalog=catalog, judge=self.judge)
-        return record.as_dict()
+        return anonymize_video(source, output, recipients=recipients, video_id=video_id, detector=self.detector,
+                               swapper=self.swapper, settings=self.settings, run_id=run_id, catalog=catalog,
+                               judge=self.judge, data_key=data_key, release_check=release_check)
 
     # A split video (tasks/datapath/segments.py): its steps, each on whichever worker is free.
     def detect_segment(self, source: str, segment: Segment) -> SegmentDetections:
@@ -218,9 +219,10 @@ class FaceWorkerImpl:
                               data_key=data_key, envelope=envelope, swapper=self.swapper, settings=self.settings,
                               run_id=run_id, catalog=catalog)
 
-    def check_segment(self, public: str, source: str, video_id: str, data_key: DataKey,
-                      frames: list[int]) -> ReleaseVerdict:
-        return check_segment(public, source, video_id, data_key, frames, self.settings.public_format,
+    # The release check on a share of a written video's sampled frames (anonymize.check_release_shared).
+    def check_frames(self, public: str, source: str, video_id: str, data_key: DataKey,
+                     frames: list[int]) -> ReleaseVerdict:
+        return check_release(public, source, video_id, data_key, frames, self.settings.public_format,
                              self.detector, self.judge)
 
     def reconstruct(self, public: str, output: str, private_key: AuthorityPrivateKey,

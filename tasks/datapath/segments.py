@@ -14,7 +14,7 @@ split and more than one worker is there (`plan_segments`). Then, for each segmen
 4. Here: the segments' files joined without re-encoding (`encode.join_segments`, each
    segment starts on a keyframe of its own), their sealed files merged (`seal.merge_sealed`),
    the source's audio and the sealed data attached.
-5. `check_release` (the workers, a share of the sampled frames each) on the joined file.
+5. `check_release_shared` (the workers, a share of the sampled frames each) on the joined file.
 
 Decoding twice costs less than it saves: decoding is the cheapest stage. The workers get
 the video's data key (drawn here) with their share of the work: they see the original pixels
@@ -46,8 +46,7 @@ from tasks.datapath.anonymize import (
     SEALED_NAME,
     PublicSink,
     VideoRecord,
-    check_release,
-    release_check_sample,
+    check_release_shared,
     sequence_rows,
 )
 from tasks.datapath.decode import VideoInfo, keyframe_indices, probe
@@ -55,7 +54,6 @@ from tasks.datapath.deidentify import FaceSwapper
 from tasks.datapath.detect import DetectionSchedule, FaceDetector
 from tasks.datapath.encode import VideoWriter, attach, join_segments
 from tasks.datapath.keys import AuthorityPublicKey, DataKey, WrappedKey, wrap_data_key
-from tasks.datapath.release_check import ReleaseVerdict
 from tasks.datapath.seal import SealStats, merge_sealed, merge_stats
 from tasks.datapath.track import FaceTracker, Roi
 from tasks.datapath.video_loop import PipelineSettings, Timer, progress_bar, temporary_beside, timed_batches
@@ -184,19 +182,6 @@ def render_segment(source: str | Path, segment: Segment, rois: list[tuple[int, l
                          timer.seconds)
 
 
-def check_segment(public: str | Path, source: str | Path, video_id: str, data_key: DataKey, frames: Sequence[int],
-                  public_format: str, detector: FaceDetector, judge: SFaceJudge | None) -> ReleaseVerdict:
-    """Step 5 (a worker): the release check on a share of the sampled frames of the joined file."""
-    return check_release(public, source, video_id, data_key, frames, public_format, detector, judge)
-
-
-def _merge_verdicts(verdicts: Sequence[ReleaseVerdict]) -> ReleaseVerdict:
-    return ReleaseVerdict(sorted(f for v in verdicts for f in v.checked_frames),
-                          sorted(f for v in verdicts for f in v.face_outside_frames),
-                          sorted(f for v in verdicts for f in v.identity_match_frames),
-                          sum(v.seconds for v in verdicts))
-
-
 def _add_seconds(total: dict[str, float], part: dict[str, float]) -> None:
     for stage, seconds in part.items():
         total[stage] = total.get(stage, 0.0) + seconds
@@ -283,15 +268,7 @@ def anonymize_split(source: str | Path, output: str | Path, segments: Sequence[S
     record.sequences = len(sequences)
     if catalog is not None:
         catalog.write_part("sequences", run_id, video_id, sequence_rows(run_id, video_id, sequences))
-    check_start = time.perf_counter()
-    sample = release_check_sample(record, settings)
-    shares = [[int(f) for f in part] for part in np.array_split(np.asarray(sample, dtype=np.int64), workers)
-              if len(part)]
-    with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="check") as pool:
-        verdicts = list(pool.map(lambda share: call("check_segment", str(output), str(source), video_id, data_key,
-                                                    share), shares))
-    record.take_verdict(_merge_verdicts(verdicts))
-    seconds["release_check"] = time.perf_counter() - check_start
     seconds["total"] = time.perf_counter() - start
     record.seconds = seconds
+    check_release_shared(call, workers, output, source, record, data_key, settings)
     return record

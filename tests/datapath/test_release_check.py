@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -134,3 +135,47 @@ def test_the_videos_row_carries_the_review_and_the_catalog_keeps_it(tmp_path):
     assert (back["public_format"], back["seal"], back["recipients"], back["sealed_bytes"]) == (
         "h264", "high", "0" * 16, 4)
     assert (back["seal_psnr_db"], back["seal_min_psnr_db"], back["frames_detected"]) == (42.3, 41.9, 9)
+
+
+def test_the_check_shared_out_among_workers_checks_the_same_frames_as_one(anonymized, clips, judge):
+    from tasks.datapath.anonymize import VideoRecord, check_release, check_release_shared
+
+    out, record = anonymized["out"], anonymized["record"]
+    data_key = DataKey(hashlib.sha256(b"release-check-test-key").digest())
+    settings = PipelineSettings(batch_size=8, public_format="x264rgb")
+    shares: list[list[int]] = []
+    lock = threading.Lock()  # one detector and judge here; each worker has its own
+
+    def call(method, public, source, video_id, key, frames):  # three workers, in this process
+        assert method == "check_frames"
+        with lock:
+            shares.append(frames)
+            return check_release(public, source, video_id, key, frames, settings.public_format,
+                                 anonymized["detector"], judge)
+
+    written = VideoRecord(record.video_id, record.source_path, record.output_path, frame_count=record.frame_count,
+                          seconds={"total": 1.0})
+    assert written.needs_review is None  # unchecked: the flow refuses to call this done
+    check_release_shared(call, 3, out / "public.mkv", clips["wolfgang"], written, data_key, settings)
+    assert sorted(shares) == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    assert (written.frames_checked, written.needs_review, written.review_frames) == (24, False, [])
+    assert written.seconds["total"] == 1.0 + written.seconds["release_check"]
+
+
+def test_flagged_frames_of_every_share_reach_the_record():
+    from tasks.datapath.anonymize import VideoRecord, check_release_shared
+    from tasks.datapath.release_check import ReleaseVerdict
+
+    video_id = "ab" * 32
+    sample = sample_frames(60, 48, seed=int(video_id[:15], 16))
+    outside, identity = {sample[1], sample[-1]}, {sample[len(sample) // 2 + 1]}  # in the first and the last share
+
+    def call(method, public, source, video_id, key, frames):
+        return ReleaseVerdict(frames, [f for f in frames if f in outside], [f for f in frames if f in identity], 0.1)
+
+    record = VideoRecord(video_id, "s.mp4", "p.mkv", frame_count=60)
+    check_release_shared(call, 2, "p.mkv", "s.mp4", record, DataKey(b"k" * 32), PipelineSettings())
+    assert record.frames_checked == len(sample) and record.needs_review
+    assert record.review_frames == sorted(outside | identity)
+    assert record.review_reason == (f"face outside ROIs at frames {sample[1]},{sample[-1]}; "
+                                    f"identity still recognisable at frames {sample[len(sample) // 2 + 1]}")
