@@ -80,10 +80,13 @@ class FaceDetector:
         return results
 
 
-def boxes_agree(a: np.ndarray, b: np.ndarray, min_iou: float = 0.5) -> bool:
-    """Whether two frames' face boxes pair up one to one, each pair overlapping by IoU >= `min_iou`.
+def boxes_agree(a: np.ndarray, b: np.ndarray, min_iou: float = 0.5, max_shift: float = 0.0) -> bool:
+    """Whether two frames' face boxes pair up one to one, each pair overlapping by IoU >= `min_iou`
+    or, with `max_shift` > 0, a face that moved steadily: its centre at most `max_shift` of the
+    larger side away and its side changed by at most `MAX_SIDE_CHANGE`.
 
-    Greedy on the best overlaps first; (K, 5) arrays as `FaceDetector.detect` gives (the score is ignored).
+    Greedy on the best overlaps first, then the nearest; (K, 5) arrays as `FaceDetector.detect`
+    gives (the score is ignored).
     """
     a, b = (np.asarray(boxes, dtype=np.float64).reshape(-1, 5)[:, :4] for boxes in (a, b))
     if len(a) != len(b):
@@ -92,12 +95,26 @@ def boxes_agree(a: np.ndarray, b: np.ndarray, min_iou: float = 0.5) -> bool:
         return True
     # Boxes of no area overlap nothing (0 / 0 is NaN there).
     overlap = pairwise_overlap(torch.from_numpy(a), torch.from_numpy(b), "union").nan_to_num(0.0).numpy()
+    side_a = np.maximum(a[:, 2] - a[:, 0], a[:, 3] - a[:, 1])[:, None]
+    side_b = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])[None, :]
+    larger = np.maximum(np.maximum(side_a, side_b), 1.0)
+    centre_a, centre_b = (a[:, :2] + a[:, 2:]) / 2, (b[:, :2] + b[:, 2:]) / 2
+    shift = np.hypot(*(centre_a[:, None, :] - centre_b[None, :, :]).transpose(2, 0, 1)) / larger
+    steady = (shift <= max_shift) & (larger <= (1 + MAX_SIDE_CHANGE) * np.maximum(np.minimum(side_a, side_b), 1.0))
+    agree = (overlap >= min_iou) | steady
+    # Overlap ranks first (a real overlap always wins), then closeness.
+    rank = np.where(agree, overlap + (1 - np.minimum(shift, 1.0)) * 1e-3, -1.0)
     for _ in range(len(a)):
-        i, j = np.unravel_index(np.argmax(overlap), overlap.shape)
-        if overlap[i, j] < min_iou:
+        i, j = np.unravel_index(np.argmax(rank), rank.shape)
+        if rank[i, j] < 0:
             return False
-        overlap[i, :], overlap[:, j] = -1.0, -1.0
+        rank[i, :], rank[:, j] = -1.0, -1.0
     return True
+
+
+# A face that moved steadily between two detected frames may grow or shrink by this much
+# (it walks towards the camera); more, and the frames between are detected.
+MAX_SIDE_CHANGE = 0.25
 
 
 class DetectionSchedule:
@@ -106,10 +123,12 @@ class DetectionSchedule:
     Per batch the detector runs on frames every-1, 2*every-1, ... and on the batch's last frame
     (so an interval never spans two batches: the previous batch's last frame, already detected,
     opens the first one). Where the two detected frames that close an interval agree (the same
-    faces, each pair of boxes at IoU >= `min_iou`: `boxes_agree`), the frames between get no
-    detections and the tracker fills them by linear interpolation between the two, which
-    `max_gap` >= every - 1 guarantees. Where they disagree (a face appeared, left, was missed
-    or moved fast) every frame between is detected as well, so a face that enters between two
+    faces, each pair of boxes at IoU >= `min_iou` or, a face moving steadily, its centre at most
+    `max_shift` of its side away: `boxes_agree`), the frames between get no detections and the
+    tracker fills them by linear interpolation between the two (it links boxes up to 0.6 of a
+    side apart), which `max_gap` >= every - 1 guarantees. Where they disagree (a face appeared,
+    left, was missed, moved fast or changed size) every frame between is detected as well, so
+    a face that enters between two
     detected frames is found from its first frame, not from the next detected one. What this
     can miss: a face that enters and leaves entirely between two detected frames (under
     `every` frames, a tenth of a second at the default); the release check is the backstop.
@@ -117,10 +136,10 @@ class DetectionSchedule:
     has its first interval detected in full.
     """
 
-    def __init__(self, detector: FaceDetector, every: int = 1, min_iou: float = 0.5) -> None:
+    def __init__(self, detector: FaceDetector, every: int = 1, min_iou: float = 0.5, max_shift: float = 0.5) -> None:
         if every < 1:
             raise ValueError(f"detect every must be >= 1 frame, got {every}")
-        self.detector, self.every, self.min_iou = detector, every, min_iou
+        self.detector, self.every, self.min_iou, self.max_shift = detector, every, min_iou, max_shift
         self._last = np.zeros((0, 5), dtype=np.float32)  # the last detected frame's boxes
         self.frames_detected = 0  # counted over the video: how much detection the schedule saved
         self.frames_seen = 0
@@ -139,7 +158,7 @@ class DetectionSchedule:
         between: list[int] = []
         previous_index, previous = -1, self._last
         for index in anchors:
-            if not boxes_agree(previous, found[index], self.min_iou):
+            if not boxes_agree(previous, found[index], self.min_iou, self.max_shift):
                 between.extend(range(previous_index + 1, index))
             previous_index, previous = index, found[index]
         if between:

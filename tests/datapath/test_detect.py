@@ -174,6 +174,22 @@ def _frames(face_x: list[int], first: int = 0) -> np.ndarray:
     return frames
 
 
+def test_a_face_moving_steadily_agrees_within_max_shift_of_its_side():
+    a = np.array([_box(0, 0, 100), _box(300, 0, 50)], np.float32)
+    moved = a + [[40, 0, 40, 0, 0], [10, 0, 10, 0, 0]]  # the big face 40 px right (IoU 0.43, centre 0.4
+    # of its side away), the small one 10 px (IoU 0.67)
+    assert not boxes_agree(a, moved)  # by IoU alone: disagree
+    assert boxes_agree(a, moved, max_shift=0.5)
+    assert not boxes_agree(a, moved, max_shift=0.3)
+    assert not boxes_agree(a, a + [40, 0, 40, 0, 0], max_shift=0.5)  # the small face: 0.8 of its side
+    grown = np.array([[0, 0, 130, 130, 0.9]], np.float32)  # 100 -> 130 px: more than MAX_SIDE_CHANGE
+    assert not boxes_agree(a[:1], grown, min_iou=0.9, max_shift=0.5)
+    assert boxes_agree(a[:1], np.array([[0, 0, 120, 120, 0.9]], np.float32), min_iou=0.9, max_shift=0.5)
+    # Two faces each 3 sides from where they were: new faces, not the same ones moving.
+    assert not boxes_agree(np.array([_box(0, 0, 50), _box(300, 0, 50)]),
+                           np.array([_box(150, 0, 50), _box(450, 0, 50)]), max_shift=0.5)
+
+
 def test_schedule_detects_every_nth_frame_while_the_faces_agree():
     scripted = _ScriptedDetector()
     schedule = DetectionSchedule(scripted, every=4)
