@@ -248,9 +248,12 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
             # over. On this 2-core CPU one video already keeps 1.65 cores busy, and splitting one of
             # the three bundled clips while the others ran made the run slower (87 s against 72 s).
             split_workers = max(1, pool.size - len(jobs) + 1)
-            futures = [anonymize_one.submit(src, dst, vid, pool, recipients, run_id, str(catalog.root),
-                                            pool.settings, split_workers) for src, dst, vid in jobs]
-            for (src, dst, vid), future in zip(jobs, futures):
+            # Largest first (the actors take videos in the order they are asked), so that a long
+            # video does not start last and run alone while the other workers wait; the rows
+            # stay in the scan's order.
+            futures = {i: anonymize_one.submit(*jobs[i], pool, recipients, run_id, str(catalog.root),
+                                               pool.settings, split_workers) for i in largest_first(jobs)}
+            for (src, dst, vid), future in zip(jobs, (futures[i] for i in range(len(jobs)))):
                 try:
                     rows.append(future.result())
                 except Exception as err:  # retries exhausted (the actor kept dying): record, go on
@@ -262,6 +265,12 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
         finally:
             pool.shutdown()
     return rows, sources, skipped
+
+
+def largest_first(jobs: list[tuple[Path, Path, str]]) -> list[int]:
+    """Indices of (source, output, video id) jobs, the largest source file first (its bytes stand
+    in for its work: frames times pixels, which only decoding would tell); ties in scan order."""
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i][0].stat().st_size)
 
 
 def build_parser() -> argparse.ArgumentParser:

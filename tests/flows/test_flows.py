@@ -265,3 +265,14 @@ def test_a_command_line_run_starts_prefects_server_before_its_imports_and_stops_
     assert "View at" not in done.stderr  # it serves no UI: no link to one
     assert (home / "prefect.db").is_file()  # with the database under the embedded PREFECT_HOME
     assert _servers_of(home) == []
+
+
+def test_the_largest_videos_are_asked_for_first(tmp_path):
+    from flows.anonymize import largest_first
+
+    sizes = {"a.mp4": 10, "b.mp4": 300, "c.mp4": 20, "d.mp4": 300}
+    jobs = []
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+        jobs.append((tmp_path / name, tmp_path / f"{name}.mkv", name))
+    assert [jobs[i][2] for i in largest_first(jobs)] == ["b.mp4", "d.mp4", "c.mp4", "a.mp4"]
