@@ -253,9 +253,9 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
             # stay in the scan's order.
             futures = {i: anonymize_one.submit(*jobs[i], pool, recipients, run_id, str(catalog.root),
                                                pool.settings, split_workers) for i in largest_first(jobs)}
-            for (src, dst, vid), future in zip(jobs, (futures[i] for i in range(len(jobs)))):
+            for i, (src, dst, vid) in enumerate(jobs):
                 try:
-                    rows.append(future.result())
+                    rows.append(futures[i].result())
                 except Exception as err:  # retries exhausted (the actor kept dying): record, go on
                     clear_attempt(catalog, run_id, vid, dst)
                     row = _video_row(run_id, src, vid, settings, _fingerprints(recipients), started,
