@@ -54,16 +54,21 @@ def start_for_command_line() -> None:
 def start() -> str:
     """Start the temporary server on a free local port; set and return PREFECT_API_URL."""
     global _server, _url
-    with socket.socket() as probe:  # the kernel's pick of a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     prefect_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0])
-    _server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        # What Prefect sets for its temporary server: no UI, only the services it needs.
-        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    # The socket is bound here, on a port the kernel picks, and handed to the server: no other
+    # process can take the port between the pick and the server's start.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(128)
+        port = listening.getsockname()[1]
+        _server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+             "prefect.server.api.server:create_app", "--fd", str(listening.fileno()),
+             "--log-level", "error", "--lifespan", "on"],
+            pass_fds=(listening.fileno(),),
+            # What Prefect sets for its temporary server: no UI, only the services it needs.
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"})
     _url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = _url
     # It serves no UI: without this every flow run would log a "View at" link to nowhere.
