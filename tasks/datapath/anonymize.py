@@ -306,10 +306,15 @@ def check_release_shared(call: Callable[..., ReleaseVerdict], workers: int, publ
     """The release check of a written video with its sampled frames shared out among up to
     `workers` workers at once: `call("check_frames", public, source, video_id, data_key, frames)`
     runs a share on a free one (the flow's `ActorPool.call`). The merged verdict goes into
-    `record`, and the wall time into its `release_check` seconds. The same frames and the same
-    verdict as one worker's check: only the wait is shorter while other workers are idle.
+    `record`. The same frames and the same verdict as one worker's check: only the wait is
+    shorter while other workers are idle.
+
+    Seconds, like the other stages': `release_check` is the shares' own time summed over the
+    workers, and `total` grows by the longest share. A share that waited for a free worker
+    (busy with another video) does not count that wait: `total` stays the time the video's
+    work took, and frames / total its speed (the task's wall time, waits included, is the
+    `videos` row's seconds_total).
     """
-    started = time.perf_counter()
     sample = release_check_sample(record, settings)
     shares = [[int(f) for f in part] for part in np.array_split(np.asarray(sample, dtype=np.int64), max(1, workers))
               if len(part)]
@@ -320,8 +325,8 @@ def check_release_shared(call: Callable[..., ReleaseVerdict], workers: int, publ
                                        sorted(f for v in verdicts for f in v.face_outside_frames),
                                        sorted(f for v in verdicts for f in v.identity_match_frames),
                                        sum(v.seconds for v in verdicts)))
-    record.seconds["release_check"] = time.perf_counter() - started
-    record.seconds["total"] = record.seconds.get("total", 0.0) + record.seconds["release_check"]
+    record.seconds["release_check"] = sum(v.seconds for v in verdicts)
+    record.seconds["total"] = record.seconds.get("total", 0.0) + max(v.seconds for v in verdicts)
 
 
 def read_back_rois(public: str | Path, video_id: str, data_key: DataKey,

@@ -193,7 +193,8 @@ def anonymize_split(source: str | Path, output: str | Path, segments: Sequence[S
     """The public module for one video, split into `segments` (from `plan_segments`) run on the
     workers through `call`; the same record, files and catalog rows as `anonymize_video`.
 
-    The record's per-stage seconds are summed over the workers (CPU-side time); `total` is wall time.
+    The record's per-stage seconds are summed over the workers (CPU-side time); `total` is wall time,
+    the release check counted as its longest share (`check_release_shared`).
     """
     start = time.perf_counter()
     info = probe(source)
