@@ -151,9 +151,11 @@ def _fingerprints(keys: list[AuthorityPublicKey]) -> str:
     return ",".join(k.fingerprint for k in keys)
 
 
-def pipeline_settings(model: str, weights: str | None, public_format: str, seal: str, batch_size: int,
-                      min_face_size: int, max_gap: int, detect_every: int, segment_frames: int,
-                      device: str) -> PipelineSettings:
+def pipeline_settings(model: str, weights: str | None, public_format: str, seal: str,
+                      batch_size: int = PipelineSettings.batch_size,
+                      min_face_size: int = PipelineSettings.min_face_size, max_gap: int = PipelineSettings.max_gap,
+                      detect_every: int = PipelineSettings.detect_every,
+                      segment_frames: int = PipelineSettings.segment_frames, device: str = "auto") -> PipelineSettings:
     """The actors' settings from the flow's parameters (also used to start them before the flow)."""
     return PipelineSettings(model=model, weights=weights, public_format=public_format, seal=seal,
                             batch_size=batch_size, min_face_size=min_face_size, max_gap=max_gap,

@@ -59,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if Path(args["archive_dir"]).is_dir():
         # Ray and the public module's actors load while Prefect's server starts (flows/prefect_server.py).
-        prestart_pool(pipeline_settings(args["model"], args["weights"], args["public_format"], args["seal"],
-                                        PipelineSettings.batch_size, PipelineSettings.min_face_size,
-                                        PipelineSettings.max_gap, PipelineSettings.detect_every,
-                                        PipelineSettings.segment_frames, "auto"),
+        # The settings anonymize_archive builds from the options roundtrip leaves at their defaults.
+        prestart_pool(pipeline_settings(args["model"], args["weights"], args["public_format"], args["seal"]),
                       args["workers"], args["ray_address"])
     prefect_server.wait_until_ready()
     rows = anonymize_then_reconstruct(**args)

@@ -321,11 +321,11 @@ def check_release_shared(call: Callable[..., ReleaseVerdict], workers: int, publ
     with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="check") as pool:
         verdicts = list(pool.map(lambda share: call("check_frames", str(public), str(source), record.video_id,
                                                     data_key, share), shares))
+    checking = sum(v.seconds for v in verdicts)
     record.take_verdict(ReleaseVerdict(sorted(f for v in verdicts for f in v.checked_frames),
                                        sorted(f for v in verdicts for f in v.face_outside_frames),
-                                       sorted(f for v in verdicts for f in v.identity_match_frames),
-                                       sum(v.seconds for v in verdicts)))
-    record.seconds["release_check"] = sum(v.seconds for v in verdicts)
+                                       sorted(f for v in verdicts for f in v.identity_match_frames), checking))
+    record.seconds["release_check"] = checking
     record.seconds["total"] = record.seconds.get("total", 0.0) + max(v.seconds for v in verdicts)
 
 

@@ -276,3 +276,17 @@ def test_the_largest_videos_are_asked_for_first(tmp_path):
         (tmp_path / name).write_bytes(b"x" * size)
         jobs.append((tmp_path / name, tmp_path / f"{name}.mkv", name))
     assert [jobs[i][2] for i in largest_first(jobs)] == ["b.mp4", "d.mp4", "c.mp4", "a.mp4"]
+
+
+def test_roundtrips_prestarted_actors_have_the_settings_its_anonymize_flow_asks_for():
+    """flows.roundtrip prestarts the public module's actors with pipeline_settings' defaults;
+    a pool is taken only for equal settings, so they must be anonymize_archive's defaults."""
+    import inspect
+
+    from flows.anonymize import anonymize_archive, pipeline_settings
+
+    defaults = {name: p.default for name, p in inspect.signature(anonymize_archive.fn).parameters.items()}
+    names = [n for n in inspect.signature(pipeline_settings).parameters if n not in
+             ("model", "weights", "public_format", "seal")]
+    assert pipeline_settings("uunet", None, "h264", "high") == pipeline_settings(
+        "uunet", None, "h264", "high", *(defaults[n] for n in names))
