@@ -32,6 +32,7 @@ from flows.runtime import (
     ActorPool,
     add_pipeline_arguments,
     clear_attempt,
+    exit_promptly,
     failure_status,
     format_table,
     public_names,
@@ -331,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())

@@ -34,6 +34,7 @@ from flows.runtime import (
     FAILURE_STATUSES,
     ActorPool,
     add_pipeline_arguments,
+    exit_promptly,
     failure_status,
     format_table,
     hidden_partials,
@@ -218,4 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())

@@ -12,7 +12,6 @@ against the source, how it was restored, PSNR inside the ROIs, release check, st
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from prefect import flow
 from flows.anonymize import anonymize_archive, pipeline_settings
 from flows.reconstruct import SUMMARY_COLUMNS, reconstruct_streams
 from flows import prefect_server
-from flows.runtime import format_table, prestart_pool
+from flows.runtime import exit_promptly, format_table, prestart_pool
 from tasks.datapath.video_loop import PipelineSettings
 
 
@@ -72,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())

@@ -4,18 +4,21 @@ cleared, and failures told apart (the input's fault, or the run's)."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import fcntl
 import math
 import os
 import queue
 import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 import ray
@@ -38,6 +41,23 @@ PERMANENT_FAILURES: tuple[type[BaseException], ...] = (
 
 
 FAILURE_STATUSES = frozenset({"failed", "interrupted"})
+
+
+def exit_promptly(code: int | None) -> NoReturn:
+    """`sys.exit(code)` for a flow's command line, less the interpreter's final teardown.
+
+    What is registered to run at exit still runs, in the same order: Ray's shutdown, the
+    Prefect server's stop, logging's flush. Skipped is only the teardown after it, about 1 s
+    of a 12-frame run's 14 s here (torch's, Ray's and onnxruntime's native state), which
+    nothing needs: every output was written, renamed and closed before `main` returned.
+    """
+    for thread in threading.enumerate():  # as the interpreter would, before the handlers
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 class OutputFolderBusy(RuntimeError):

@@ -267,6 +267,28 @@ def test_a_command_line_run_starts_prefects_server_before_its_imports_and_stops_
     assert _servers_of(home) == []
 
 
+def test_exit_promptly_runs_the_exit_handlers_flushes_and_keeps_the_status():
+    """The flows' command lines end with `exit_promptly`: it skips the interpreter's teardown,
+    but not what is registered at exit (the server's stop, Ray's shutdown), not output still
+    in a pipe's buffer, and not a non-daemon thread's work."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, threading, time\n"
+        "from flows.runtime import exit_promptly\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+        "print('summary', end=' ')\n"
+        "exit_promptly(3)\n"
+        "print('never')\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "summary thread done\nhandler ran\n"
+
+
 def test_the_largest_videos_are_asked_for_first(tmp_path):
     from flows.anonymize import largest_first
 
