@@ -247,15 +247,12 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
         pool = worker_pool(settings, workers, ray_address)
         logger.info("workers: %s", pool.describe())
         try:
-            # Each other video keeps one actor busy; a video is split only across the actors left
-            # over. On this 2-core CPU one video already keeps 1.65 cores busy, and splitting one of
-            # the three bundled clips while the others ran made the run slower (87 s against 72 s).
-            split_workers = max(1, pool.size - len(jobs) + 1)
+            shares = split_shares([source.stat().st_size for source, _, _ in jobs], pool.size)
             # Largest first (the actors take videos in the order they are asked), so that a long
             # video does not start last and run alone while the other workers wait; the rows
             # stay in the scan's order.
             futures = {i: anonymize_one.submit(*jobs[i], pool, recipients, run_id, str(catalog.root),
-                                               pool.settings, split_workers) for i in largest_first(jobs)}
+                                               pool.settings, shares[i]) for i in largest_first(jobs)}
             for i, (src, dst, vid) in enumerate(jobs):
                 try:
                     rows.append(futures[i].result())
@@ -268,6 +265,21 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
         finally:
             pool.shutdown()
     return rows, sources, skipped
+
+
+def split_shares(sizes: list[int], actors: int) -> list[int]:
+    """Per video, how many actors it may be split across at once (`anonymize_one`'s split_workers).
+
+    A video gets the actors the other videos leave over (each of them keeps one), or its share
+    of the archive's work (its bytes standing in for it, as in `largest_first`), whichever is
+    more: one 10-hour file among a night's short clips takes most of the actors instead of
+    keeping one busy for hours while the others wait. Shares may add up to more than the
+    actors: segments queue for a free actor like whole videos do. Whether a video is long
+    enough to split at all is `segments.split_plan`'s call.
+    """
+    total = sum(sizes)
+    left_over = actors - len(sizes) + 1
+    return [max(1, min(actors, max(left_over, round(actors * size / total) if total else 0))) for size in sizes]
 
 
 def largest_first(jobs: list[tuple[Path, Path, str]]) -> list[int]:

@@ -300,6 +300,22 @@ def test_the_largest_videos_are_asked_for_first(tmp_path):
     assert [jobs[i][2] for i in largest_first(jobs)] == ["b.mp4", "d.mp4", "c.mp4", "a.mp4"]
 
 
+def test_a_video_may_be_split_across_its_share_of_the_actors_or_those_left_over():
+    from flows.anonymize import split_shares
+
+    # A long file among two short ones, 2 actors: 2 x 0.92 of the bytes rounds to 2, while the
+    # old rule (actors left over by the other videos: 2 - 3 + 1 = 0) kept it on one.
+    assert split_shares([9_808_183, 588_804, 208_428], 2) == [2, 1, 1]
+    # The bundled samples: Wolfgang is 0.67 of the bytes, 1.3 actors: not split.
+    assert split_shares([1_630_000, 588_804, 208_428], 2) == [1, 1, 1]
+    # Fewer videos than actors: each gets those the others leave over (4 - 2 + 1 = 3) ...
+    assert split_shares([100, 100], 4) == [3, 3]
+    # ... or its share when that is more (round(8 x 0.7) = 6 against 8 - 4 + 1 = 5).
+    assert split_shares([70, 10, 10, 10], 8) == [6, 5, 5, 5]
+    assert split_shares([0], 3) == [3]  # empty files: no share, the left-over rule alone
+    assert split_shares([5, 5, 5, 5], 1) == [1, 1, 1, 1]
+
+
 def test_roundtrips_prestarted_actors_have_the_settings_its_anonymize_flow_asks_for():
     """flows.roundtrip prestarts the public module's actors with pipeline_settings' defaults;
     a pool is taken only for equal settings, so they must be anonymize_archive's defaults."""
