@@ -247,12 +247,15 @@ def _run_jobs(archive: Path, out: Path, catalog: CatalogStore, public_root: Path
         pool = worker_pool(settings, workers, ray_address)
         logger.info("workers: %s", pool.describe())
         try:
-            shares = split_shares([source.stat().st_size for source, _, _ in jobs], pool.size)
+            # A source's bytes stand in for its work (frames times pixels, which only decoding
+            # would tell), for the split shares and the order alike.
+            sizes = [source.stat().st_size for source, _, _ in jobs]
+            shares = split_shares(sizes, pool.size)
             # Largest first (the actors take videos in the order they are asked), so that a long
             # video does not start last and run alone while the other workers wait; the rows
             # stay in the scan's order.
             futures = {i: anonymize_one.submit(*jobs[i], pool, recipients, run_id, str(catalog.root),
-                                               pool.settings, shares[i]) for i in largest_first(jobs)}
+                                               pool.settings, shares[i]) for i in largest_first(sizes)}
             for i, (src, dst, vid) in enumerate(jobs):
                 try:
                     rows.append(futures[i].result())
@@ -271,7 +274,7 @@ def split_shares(sizes: list[int], actors: int) -> list[int]:
     """Per video, how many actors it may be split across at once (`anonymize_one`'s split_workers).
 
     A video gets the actors the other videos leave over (each of them keeps one), or its share
-    of the archive's work (its bytes standing in for it, as in `largest_first`), whichever is
+    of the archive's work (`sizes`, its bytes over the archive's), whichever is
     more: one 10-hour file among a night's short clips takes most of the actors instead of
     keeping one busy for hours while the others wait. Shares may add up to more than the
     actors: segments queue for a free actor like whole videos do. Whether a video is long
@@ -282,10 +285,9 @@ def split_shares(sizes: list[int], actors: int) -> list[int]:
     return [max(1, min(actors, max(left_over, round(actors * size / total) if total else 0))) for size in sizes]
 
 
-def largest_first(jobs: list[tuple[Path, Path, str]]) -> list[int]:
-    """Indices of (source, output, video id) jobs, the largest source file first (its bytes stand
-    in for its work: frames times pixels, which only decoding would tell); ties in scan order."""
-    return sorted(range(len(jobs)), key=lambda i: -jobs[i][0].stat().st_size)
+def largest_first(sizes: list[int]) -> list[int]:
+    """Indices of the videos, the largest source file first; ties in scan order."""
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
 
 
 def build_parser() -> argparse.ArgumentParser:
