@@ -128,8 +128,8 @@ class DetectionSchedule:
     tracker fills them by linear interpolation between the two (it links boxes up to 0.6 of a
     side apart), which `max_gap` >= every - 1 guarantees. Where they disagree (a face appeared,
     left, was missed, moved fast or changed size) every frame between is detected as well, so
-    a face that enters between two
-    detected frames is found from its first frame, not from the next detected one. What this
+    a face that enters between two detected frames is found from its first frame, not from
+    the next detected one. What this
     can miss: a face that enters and leaves entirely between two detected frames (under
     `every` frames, a tenth of a second at the default); the release check is the backstop.
     Before the first frame of a video there are no faces, so a face present from the start
